@@ -1,0 +1,335 @@
+"""One experiment: train a (possibly backdoored) classifier and record everything about it.
+
+:func:`run_experiment` is what ``veil run`` calls: load data, let the attack learn its trigger and
+poison the training set, train with the shared :class:`veil.train.Trainer` (resuming from a
+checkpoint if the run was interrupted), evaluate clean accuracy, attack success rate and stealth,
+and write the run record (see :mod:`veil.records`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import veil
+from veil import records as rec
+from veil.attacks import ATTACKS, Attack, create_attack
+from veil.data import ImageDataset, load_dataset, stratified_subset, to_float
+from veil.data.datasets import DATASETS
+from veil.errors import ConfigError, RecordError
+from veil.metrics import accuracy, stealth_metrics
+from veil.models import MODELS, create_model
+from veil.train import TrainConfig, Trainer, predict, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: config keys that may differ between an interrupted run and its resumption
+_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run (written to ``config.json``).
+
+    Attributes:
+        attack: registered attack name (``none`` for a clean reference model).
+        dataset: registered dataset name.
+        model: registered model name.
+        out: run folder.
+        data_root: dataset folder (not needed for ``gtsrb_sample``).
+        width: model base width (``None``: the architecture's default).
+        image_size: square image side.
+        epochs, batch_size, lr, weight_decay, schedule: training (see :class:`TrainConfig`).
+        poison_rate: share of the training set poisoned, in (0, 1].
+        poison_count: absolute poisoned count (overrides ``poison_rate``).
+        target: target label.
+        mode: ``all2one`` or ``all2all``.
+        seed: seed of everything random in the run.
+        attack_options: attack-specific options (see each attack's ``Config``).
+        train_subset, test_subset: stratified subset sizes for CPU-scale runs.
+        stealth_samples: test images the stealth metrics are averaged over.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        lpips_weights: folder with ``alexnet_imagenet_features.pth`` for offline LPIPS.
+    """
+
+    attack: str
+    dataset: str
+    model: str
+    out: str
+    data_root: str | None = None
+    width: int | None = None
+    image_size: int = 32
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    poison_rate: float = 0.1
+    poison_count: int | None = None
+    target: int = 0
+    mode: str = "all2one"
+    seed: int = 0
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    train_subset: int | None = None
+    test_subset: int | None = None
+    stealth_samples: int = 1000
+    device: str = "auto"
+    download: bool = False
+    cache_dir: str | None = None
+    lpips_weights: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check names and ranges that can be checked without loading data."""
+        ATTACKS.get(self.attack)
+        MODELS.get(self.model)
+        DATASETS.get(self.dataset)
+        if self.poison_count is None and not (0.0 < self.poison_rate <= 1.0):
+            raise ConfigError(f"poison rate {self.poison_rate} is outside (0, 1]")
+        if self.poison_count is not None and self.poison_count <= 0:
+            raise ConfigError(f"poison count must be positive, got {self.poison_count}")
+        if self.target < 0:
+            raise ConfigError(f"target label {self.target} is negative")
+        if self.image_size < 8:
+            raise ConfigError(f"image size {self.image_size} is too small")
+        for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset)):
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name} must be positive, got {v}")
+        TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule=self.schedule)
+        from veil.models import model_class
+
+        model_class(self.model).check_image_size(self.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """veil version, git sha of the source checkout (if any), torch version and device."""
+    sha = None
+    src = Path(veil.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            sha = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "veil_version": veil.__version__,
+        "git_sha": sha,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _prepare_folder(config: RunConfig) -> rec.RunRecord:
+    record = rec.RunRecord(config.out)
+    root = record.root
+    if root.exists() and not root.is_dir():
+        raise RecordError(f"output path {root} exists and is not a folder")
+    if record.finished and not config.overwrite:
+        raise RecordError(f"output folder {root} already holds a finished run; pass --overwrite to replace it")
+    if root.is_dir() and config.overwrite:
+        for name in (rec.CONFIG, rec.ENVIRONMENT, rec.POISON_INDICES, rec.HISTORY, rec.CHECKPOINT, rec.MODEL,
+                     rec.ATTACK, rec.SAMPLES, rec.SAMPLES_PNG, rec.METRICS):
+            record.path(name).unlink(missing_ok=True)
+        for sub in ("figures", "tables", "defenses"):
+            shutil.rmtree(record.path(sub), ignore_errors=True)
+    elif record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
+        old = {k: v for k, v in record.config().items() if k not in _RESUME_IGNORED}
+        new = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k not in _RESUME_IGNORED}
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise RecordError(
+                f"output folder {root} holds an unfinished run with a different configuration "
+                f"({', '.join(diff)}); pass --overwrite to replace it"
+            )
+    elif root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")) and not record.path(rec.CONFIG).is_file():
+        raise RecordError(f"output folder {root} is not empty and is not a veil run; choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    return record
+
+
+def json_roundtrip(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _load_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
+    kw = dict(image_size=config.image_size, download=config.download, cache_dir=config.cache_dir)
+    train = load_dataset(config.dataset, config.data_root, "train", **kw)
+    test = load_dataset(config.dataset, config.data_root, "test", **kw)
+    if config.train_subset:
+        train = stratified_subset(train, config.train_subset, seed=config.seed)
+    if config.test_subset:
+        test = stratified_subset(test, config.test_subset, seed=config.seed)
+    return train, test
+
+
+def _lpips_model(config: RunConfig, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
+    from veil.metrics.lpips import load_lpips
+
+    try:
+        return load_lpips(config.lpips_weights, device=device), None
+    except FileNotFoundError as exc:
+        log.warning("LPIPS not computed: %s", exc)
+        return None, str(exc)
+
+
+def run_experiment(config: RunConfig) -> dict[str, Any]:
+    """Train and evaluate one run, writing its record into ``config.out``; returns the metrics.
+
+    Resumes from ``config.out/checkpoint.pt`` when the folder holds an interrupted run with the same
+    configuration; refuses a folder holding a finished run unless ``config.overwrite``.
+    """
+    t_start = time.perf_counter()
+    config.validate()
+    device = resolve_device(config.device)
+    record = _prepare_folder(config)
+    record.write_json(rec.CONFIG, config.to_dict())
+    record.write_json(rec.ENVIRONMENT, environment(device))
+
+    t0 = time.perf_counter()
+    train, test = _load_data(config)
+    data_seconds = time.perf_counter() - t0
+    attack: Attack = create_attack(
+        config.attack,
+        train.num_classes,
+        train.image_shape,
+        target=config.target,
+        mode=config.mode,
+        poison_rate=config.poison_rate,
+        poison_count=config.poison_count,
+        seed=config.seed,
+        **config.attack_options,
+    )
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=train.num_classes, image_size=config.image_size, width=config.width)
+
+    t0 = time.perf_counter()
+    attack.fit(train, device=device)
+    poisoned = attack.poison(train)
+    fit_seconds = time.perf_counter() - t0
+    record.write_json(
+        rec.POISON_INDICES,
+        {"poison": poisoned.poison_indices.tolist(), "extra": poisoned.extra_indices.tolist(), "train_size": len(train)},
+    )
+
+    static_test = attack.poison_test(test) if attack.static_poison else None
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        pt = static_test if static_test is not None else attack.poison_test(test)
+        return {
+            "clean_accuracy": accuracy(predict(m, test.images), test.labels),
+            "attack_success_rate": _asr(m, pt, test, attack),
+        }
+
+    train_cfg = TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=config.schedule,
+        seed=config.seed,
+    )
+    hook = attack.training_hook()
+    trainer = Trainer(
+        model,
+        poisoned,
+        train_cfg,
+        hooks=[hook] if hook is not None else [],
+        evaluate=evaluate,
+        checkpoint=record.path(rec.CHECKPOINT),
+        device=device,
+        progress=config.progress,
+    )
+    t0 = time.perf_counter()
+    history = trainer.fit()
+    train_seconds = sum(h["seconds"] for h in history)
+    record.write_json(rec.HISTORY, history)
+
+    t0 = time.perf_counter()
+    model.eval()
+    final = history[-1]
+    poisoned_test = static_test if static_test is not None else attack.poison_test(test)
+    clean_acc = final["clean_accuracy"]
+    asr = final["attack_success_rate"]
+
+    # stealth on test images whose label differs from the target (as the attack would be used)
+    targets = attack.target_labels(test.labels)
+    rows = torch.nonzero(test.labels != targets).flatten()[: config.stealth_samples]
+    clean_x = to_float(test.images[rows])
+    poison_x = attack.apply_quantized(clean_x, test.labels[rows]).cpu()
+    lpips_model, lpips_note = _lpips_model(config, torch.device("cpu"))
+    stealth = stealth_metrics(clean_x, poison_x, lpips_model=lpips_model)
+    eval_seconds = time.perf_counter() - t0
+
+    # record the trigger, weights and a sample grid
+    state = attack.state_dict()
+    if state:
+        record.save_tensors(rec.ATTACK, state)
+    record.save_tensors(rec.MODEL, {k: v for k, v in model.state_dict().items()}, metadata={"model": config.model})
+    k = min(8, rows.numel())
+    from veil.report.images import sample_grid_png
+
+    clean_u8 = test.images[rows[:k]]
+    poison_u8 = (poison_x[:k] * 255).round().clamp(0, 255).to(torch.uint8)
+    record.save_tensors(rec.SAMPLES, {"clean": clean_u8, "poisoned": poison_u8, "labels": test.labels[rows[:k]]})
+    rec.atomic_write_bytes(record.path(rec.SAMPLES_PNG), sample_grid_png(clean_u8, poison_u8))
+
+    metrics: dict[str, Any] = {
+        "clean_accuracy": clean_acc,
+        "attack_success_rate": asr,
+        "poison_count": poisoned.poison_count,
+        "extra_count": int(poisoned.extra_indices.numel()),
+        "train_size": len(train),
+        "test_size": len(test),
+        "asr_test_size": len(poisoned_test),
+        "stealth": stealth,
+        "stealth_samples": int(rows.numel()),
+        "timings": {
+            "data_seconds": data_seconds,
+            "attack_fit_seconds": fit_seconds,
+            "train_seconds": train_seconds,
+            "train_images_per_second": config.epochs * len(train) / max(train_seconds, 1e-9),
+            "final_eval_seconds": eval_seconds,
+            "total_seconds": time.perf_counter() - t_start,
+        },
+        "attack": attack.describe(),
+        "notes": [n for n in [lpips_note and f"lpips not computed: {lpips_note}"] if n],
+    }
+    record.write_json(rec.METRICS, metrics)
+    record.path(rec.CHECKPOINT).unlink(missing_ok=True)
+    log.info(
+        "%s: clean accuracy %.4f, attack success rate %.4f -> %s", config.attack, clean_acc, asr, record.root
+    )
+    return metrics
+
+
+def _asr(model: torch.nn.Module, poisoned_test: ImageDataset, test: ImageDataset, attack: Attack) -> float:
+    if len(poisoned_test) == 0:
+        return float("nan")
+    preds = predict(model, poisoned_test.images)
+    # poisoned_test already holds only rows whose true label differs from the target
+    return float((preds == poisoned_test.labels).float().mean())
+
+
+def replace(config: RunConfig, **changes: Any) -> RunConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,463 @@
+"""The one trainer every attack and defense uses.
+
+* CPU or GPU; automatic mixed precision (bfloat16 autocast) on CUDA.
+* SGD with momentum and Nesterov, weight decay, and a per-step schedule (linear warm-up then cosine
+  decay by default; ``step`` and ``constant`` also available).
+* Data are uint8 tensors kept on the training device; each batch is converted to float and
+  augmented as tensor operations (:class:`veil.data.augment.BatchAugment`).
+* A progress bar per epoch; an evaluation callback (clean accuracy, attack success rate) after every
+  epoch, logged into the history.
+* Checkpoints (model, optimiser, schedule, every RNG state, hook state, history) written atomically
+  every epoch and every ``checkpoint_every`` steps, so a killed run resumes where it stopped and ends
+  with exactly the weights an uninterrupted run would have.
+* :class:`TrainHook` lets an attack add loss terms, co-train a generator, clip parameters after each
+  step, or alternate what each iteration trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from veil.data.augment import BatchAugment
+from veil.data.base import ImageDataset, to_float
+from veil.errors import CheckpointError, ConfigError
+from veil.records import atomic_torch_save, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters (defaults: the standard CIFAR/GTSRB ResNet recipe).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: images per step.
+        lr: peak learning rate of SGD.
+        momentum: SGD momentum (Nesterov).
+        weight_decay: L2 weight decay.
+        schedule: ``"cosine"`` (linear warm-up over ``warmup_epochs`` then cosine to 0),
+            ``"step"`` (x0.1 at 50 % and 75 % of training) or ``"constant"``.
+        warmup_epochs: warm-up length for ``cosine`` (fractions allowed).
+        label_smoothing: cross-entropy label smoothing.
+        augment: random crop (4-pixel padding) and, where the dataset allows it, horizontal flip.
+        amp: bfloat16 autocast on CUDA (ignored on CPU).
+        seed: seed of the shuffling and augmentation streams.
+        checkpoint_every: steps between mid-epoch checkpoints (0: only at epoch ends).
+        channels_last: NHWC memory layout for convolutions (about 12 % faster on CPU).
+    """
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    augment: bool = True
+    amp: bool = True
+    seed: int = 0
+    checkpoint_every: int = 200
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; known: cosine, constant, step")
+
+
+@dataclass
+class Batch:
+    """One training batch as the hooks see it.
+
+    Attributes:
+        x: float images in [0, 1] (before augmentation when given to ``transform_batch``).
+        y: labels the classifier is trained towards.
+        index: rows of the training set the batch came from.
+        step: global step number (0-based).
+        epoch: epoch number (0-based).
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+    step: int
+    epoch: int
+
+
+class TrainHook:
+    """Extension points of :class:`Trainer`; every method is a no-op by default.
+
+    The four uses the seed attacks need:
+
+    * add loss terms: :meth:`extra_loss`;
+    * co-train a generator: put it in :meth:`modules`, its optimiser in :meth:`optimizers`, and
+      apply it in :meth:`transform_batch` (gradients flow from the classifier's loss into it);
+    * clip parameters after each step: :meth:`after_step`;
+    * alternate what each iteration trains on: :meth:`train_classifier` / :meth:`transform_batch`.
+    """
+
+    def setup(self, trainer: Trainer) -> None:
+        """Called once before training (after a resume, too)."""
+
+    def modules(self) -> Sequence[nn.Module]:
+        """Extra trainable modules (moved to the device, put in train mode each epoch)."""
+        return ()
+
+    def optimizers(self) -> Sequence[torch.optim.Optimizer]:
+        """Extra optimisers, zeroed and stepped with the classifier's."""
+        return ()
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Called at the start of each epoch (e.g. recompute a class-mean feature)."""
+
+    def transform_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+        """Change a batch before augmentation (poison on the fly, add malicious copies)."""
+        return batch
+
+    def extra_loss(self, trainer: Trainer, batch: Batch, features: Tensor, logits: Tensor) -> Tensor | None:
+        """A loss term added to the cross-entropy (features are the classifier's penultimate)."""
+        return None
+
+    def train_classifier(self, trainer: Trainer, batch: Batch) -> bool:
+        """Whether this step updates the classifier (False: only the hook's optimisers step)."""
+        return True
+
+    def after_step(self, trainer: Trainer, batch: Batch) -> None:
+        """Called after the optimisers stepped (e.g. clip parameters)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+        """Called at the end of each epoch; returned numbers go into the history."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (tensors, numbers, nested dicts/lists of them)."""
+        state: dict[str, Any] = {}
+        for i, m in enumerate(self.modules()):
+            state[f"module{i}"] = m.state_dict()
+        for i, o in enumerate(self.optimizers()):
+            state[f"optim{i}"] = o.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, m in enumerate(self.modules()):
+            m.load_state_dict(state[f"module{i}"])
+        for i, o in enumerate(self.optimizers()):
+            o.load_state_dict(state[f"optim{i}"])
+
+
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _lr_lambda(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = config.epochs * steps_per_epoch
+    warm = int(round(config.warmup_epochs * steps_per_epoch))
+
+    def f(step: int) -> float:
+        if config.schedule == "constant":
+            return 1.0
+        if config.schedule == "step":
+            return 0.01 if step >= 0.75 * total else 0.1 if step >= 0.5 * total else 1.0
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class Trainer:
+    """Train a classifier on an in-memory dataset.
+
+    Args:
+        model: the classifier (a :class:`veil.models.Classifier` or any module whose
+            ``features``/``classify`` split exists; plain modules are used through ``forward``).
+        train: the (possibly poisoned) training set.
+        config: hyperparameters.
+        hooks: training hooks (attacks that change training).
+        evaluate: called after every epoch with the model in eval mode; returns metrics.
+        checkpoint: path of the resumable checkpoint (``None``: no checkpoints).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
+        progress: show a progress bar.
+
+    Example:
+        >>> trainer = Trainer(model, poisoned_train, TrainConfig(epochs=4), evaluate=evaluator)
+        >>> history = trainer.fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: ImageDataset,
+        config: TrainConfig,
+        hooks: Sequence[TrainHook] = (),
+        evaluate: Evaluator | None = None,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "auto",
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_data = train
+        self.images = train.images.to(self.device)
+        self.labels = train.labels.to(self.device)
+        self.hooks = list(hooks)
+        self.evaluate = evaluate
+        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
+        self.progress = progress
+        self.augment = BatchAugment(padding=4, hflip=train.hflip) if config.augment else None
+        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        for h in self.hooks:
+            for m in h.modules():
+                m.to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.momentum > 0,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, self.steps_per_epoch))
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0  # next epoch to run
+        self.step_in_epoch = 0  # next step inside that epoch
+        self.global_step = 0
+        self._aug_gen = torch.Generator()
+        self._epoch_loss = 0.0
+        self._epoch_correct = 0
+        self._epoch_seen = 0
+        self._epoch_time = 0.0
+        self.stop_after_steps: int | None = None  # for tests: simulate a killed run
+
+    # ------------------------------------------------------------------ model split
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.model
+        if hasattr(m, "features") and hasattr(m, "classify"):
+            f = m.features(x)  # type: ignore[operator]
+            return f, m.classify(f)  # type: ignore[operator]
+        logits = m(x)
+        return logits, logits
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "veil-checkpoint-1",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "aug_rng": self._aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": self.history,
+            "epoch_acc": [self._epoch_loss, float(self._epoch_correct), float(self._epoch_seen), self._epoch_time],
+            "hooks": [h.state_dict() for h in self.hooks],
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            if state.get("format") != "veil-checkpoint-1":
+                raise KeyError("format")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.epoch = int(state["epoch"])
+            self.step_in_epoch = int(state["step_in_epoch"])
+            self.global_step = int(state["global_step"])
+            self._aug_gen.set_state(state["aug_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.history = list(state["history"])
+            loss, correct, seen, t = state["epoch_acc"]
+            self._epoch_loss, self._epoch_correct, self._epoch_seen, self._epoch_time = loss, int(correct), int(seen), t
+            for h, hs in zip(self.hooks, state["hooks"], strict=True):
+                h.load_state_dict(hs)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint does not match this run ({type(exc).__name__}: {exc})") from exc
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            atomic_torch_save(self.checkpoint_path, self.state_dict())
+
+    def maybe_resume(self) -> bool:
+        """Load the checkpoint if one exists; returns whether training resumes."""
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return False
+        state = load_checkpoint(self.checkpoint_path)
+        self.load_state_dict(state)
+        log.info("resuming from %s at epoch %d step %d", self.checkpoint_path, self.epoch + 1, self.step_in_epoch)
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _epoch_order(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_data), generator=g)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train for the configured epochs (resuming from the checkpoint if there is one)."""
+        self.maybe_resume()
+        for h in self.hooks:
+            h.setup(self)
+        cfg = self.config
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch
+            if self.step_in_epoch == 0:
+                self._aug_gen.manual_seed(cfg.seed * 7_919 + epoch + 1)
+                self._epoch_loss, self._epoch_correct, self._epoch_seen, self._epoch_time = 0.0, 0, 0, 0.0
+            for h in self.hooks:
+                h.on_epoch_start(self, epoch)
+            self.model.train()
+            for h in self.hooks:
+                for m in h.modules():
+                    m.train()
+            order = self._epoch_order(epoch).to(self.device)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="step",
+                leave=False,
+                disable=not self.progress or None,
+            )
+            t0 = time.perf_counter()
+            while self.step_in_epoch < self.steps_per_epoch:
+                s = self.step_in_epoch
+                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                loss, correct, n = self._step(idx, epoch)
+                self._epoch_loss += loss * n
+                self._epoch_correct += correct
+                self._epoch_seen += n
+                self.step_in_epoch += 1
+                self.global_step += 1
+                bar.update(1)
+                if self._epoch_seen:
+                    bar.set_postfix(loss=f"{self._epoch_loss / self._epoch_seen:.3f}", acc=f"{self._epoch_correct / self._epoch_seen:.3f}")
+                if self.stop_after_steps is not None and self.global_step >= self.stop_after_steps:
+                    self._epoch_time += time.perf_counter() - t0
+                    self.save_checkpoint()
+                    bar.close()
+                    raise KeyboardInterrupt("stop_after_steps reached")
+                if cfg.checkpoint_every and self.step_in_epoch % cfg.checkpoint_every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                    self._epoch_time += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_checkpoint()
+            bar.close()
+            self._epoch_time += time.perf_counter() - t0
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": self._epoch_loss / max(1, self._epoch_seen),
+                "train_accuracy": self._epoch_correct / max(1, self._epoch_seen),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": self._epoch_time,
+            }
+            for h in self.hooks:
+                record.update(h.on_epoch_end(self, epoch))
+            if self.evaluate is not None:
+                self.model.eval()
+                t_eval = time.perf_counter()
+                with torch.no_grad():
+                    record.update(self.evaluate(self.model))
+                record["eval_seconds"] = time.perf_counter() - t_eval
+            self.history.append(record)
+            log.info(
+                "epoch %d/%d: %s",
+                epoch + 1,
+                cfg.epochs,
+                ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "epoch"),
+            )
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.save_checkpoint()
+        self.model.eval()
+        return self.history
+
+    def _step(self, idx: Tensor, epoch: int) -> tuple[float, int, int]:
+        cfg = self.config
+        x = to_float(self.images[idx])
+        batch = Batch(x=x, y=self.labels[idx], index=idx, step=self.global_step, epoch=epoch)
+        for h in self.hooks:
+            batch = h.transform_batch(self, batch)
+        if self.augment is not None:
+            batch.x = self.augment(batch.x, self._aug_gen)
+        if cfg.channels_last:
+            batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+        train_clf = all(h.train_classifier(self, batch) for h in self.hooks)
+        self.optimizer.zero_grad(set_to_none=True)
+        for h in self.hooks:
+            for o in h.optimizers():
+                o.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            features, logits = self._forward(batch.x)
+            loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=cfg.label_smoothing)
+            for h in self.hooks:
+                extra = h.extra_loss(self, batch, features, logits)
+                if extra is not None:
+                    loss = loss + extra
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower the learning rate")
+        loss.backward()
+        if train_clf:
+            self.optimizer.step()
+        for h in self.hooks:
+            for o in h.optimizers():
+                o.step()
+        self.scheduler.step()
+        for h in self.hooks:
+            h.after_step(self, batch)
+        with torch.no_grad():
+            correct = int((logits.argmax(1) == batch.y).sum())
+        return float(loss.detach()), correct, int(batch.y.numel())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str | torch.device | None = None) -> Tensor:
+    """Predicted labels for uint8 (or float [0, 1]) images, in batches, in eval mode."""
+    dev = next(model.parameters()).device if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    preds = []
+    for i in range(0, images.shape[0], batch_size):
+        xb = images[i : i + batch_size].to(dev)
+        xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            preds.append(model(xb).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)

@@ -1,0 +1,57 @@
+"""Shared fixtures.
+
+``../shared`` (the project's shared data: GTSRB, LPIPS weights) is found through the environment
+variable ``VEIL_SHARED`` or, by default, beside the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from veil.data.base import ImageDataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("VEIL_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} not found (set VEIL_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared: Path) -> Path:
+    return shared / "weights"
+
+
+@pytest.fixture(scope="session")
+def gtsrb_root(shared: Path) -> Path:
+    return shared / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_synthetic(n: int = 64, num_classes: int = 4, size: int = 32, seed: int = 0) -> ImageDataset:
+    """A small random uint8 dataset with balanced labels."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % num_classes
+    return ImageDataset(images, labels, [str(i) for i in range(num_classes)], "synthetic", hflip=True)
+
+
+@pytest.fixture
+def synthetic() -> ImageDataset:
+    return make_synthetic()

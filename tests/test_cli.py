@@ -1,0 +1,158 @@
+"""The command line: bad input gets one clear line and exit status 2; runs are recorded,
+deterministic, resumable and protected from being overwritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from veil.cli import main
+from veil.records import RunRecord
+
+SMALL = ["--dataset", "gtsrb_sample", "--model", "preact_resnet18", "--width", "8", "--epochs", "1",
+         "--train-subset", "430", "--test-subset", "215", "--stealth-samples", "32", "--seed", "0"]
+
+
+def run_cli(args, capsys):
+    code = main(["-q", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(args, capsys) -> str:
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("veil: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def base_run(tmp_path, attack="badnets", *extra):
+    return ["run", "--attack", attack, *SMALL, "--out", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (["--attack", "nosuch"], "unknown attack 'nosuch'"),
+        (["--model", "nosuch"], "unknown model 'nosuch'"),
+        (["--dataset", "nosuch"], "unknown dataset 'nosuch'"),
+        (["--poison-rate", "0"], "poison rate 0.0 is outside (0, 1]"),
+        (["--poison-rate", "1.5"], "poison rate 1.5 is outside (0, 1]"),
+        (["--target", "43"], "target label 43 is outside the dataset's classes 0..42"),
+        (["--model", "vit_small", "--image-size", "30"], "cannot take image size 30"),
+        (["--model", "vgg16", "--image-size", "16"], "cannot take image size 16"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(tmp_path, capsys, change, expected):
+    args = base_run(tmp_path)
+    for i in range(0, len(change), 2):
+        flag, value = change[i], change[i + 1]
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    line = error_line(args, capsys)
+    assert expected in line
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_missing_and_empty_data_folders(tmp_path, capsys):
+    args = ["run", "--attack", "badnets", "--dataset", "gtsrb", "--model", "preact_resnet18", "--out", str(tmp_path / "r")]
+    assert "data folder" in error_line([*args, "--data-root", str(tmp_path / "missing")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no GTSRB data" in error_line([*args, "--data-root", str(tmp_path / "empty")], capsys)
+    (tmp_path / "empty2" / "train").mkdir(parents=True)
+    args[4] = "imagefolder"
+    assert "no class folders" in error_line([*args, "--data-root", str(tmp_path / "empty2")], capsys)
+
+
+def test_run_records_everything_and_is_deterministic(tmp_path, capsys):
+    code, out, err = run_cli(base_run(tmp_path), capsys)
+    assert code == 0, err
+    rec = RunRecord(tmp_path / "run").require()
+    m = rec.metrics()
+    for key in ("clean_accuracy", "attack_success_rate", "stealth", "timings"):
+        assert key in m
+    for key in ("psnr", "ssim", "mse", "lpips", "l1", "linf"):
+        assert key in m["stealth"]
+    assert m["poison_count"] == 43 and len(rec.poison_indices()["poison"]) == 43
+    assert rec.config()["attack"] == "badnets"
+    env = rec.environment()
+    assert env["torch_version"] == torch.__version__ and env["device"] == "cpu"
+    assert set(rec.model_state()) and rec.samples()["clean"].dtype == torch.uint8
+    assert (tmp_path / "run" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # the same command again (elsewhere) gives the same metrics
+    args = base_run(tmp_path)
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    assert run_cli(args, capsys)[0] == 0
+    m2 = RunRecord(tmp_path / "again").metrics()
+    for key in ("clean_accuracy", "attack_success_rate"):
+        assert m2[key] == m[key]
+    assert m2["stealth"]["psnr"] == m["stealth"]["psnr"]
+    assert RunRecord(tmp_path / "again").poison_indices() == rec.poison_indices()
+    # a finished run is refused without --overwrite, and kept intact
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    line = error_line(base_run(tmp_path), capsys)
+    assert "already holds a finished run" in line and "--overwrite" in line
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+    # the report over both runs
+    code, out, _ = run_cli(["report", str(tmp_path / "run"), str(tmp_path / "again"), "-o", str(tmp_path / "r.html")], capsys)
+    assert code == 0 and (tmp_path / "r.html").stat().st_size > 1000
+
+
+def test_interrupted_run_resumes_and_corrupted_checkpoint_is_reported(tmp_path, capsys, monkeypatch):
+    import veil.train as train_mod
+
+    original = train_mod.Trainer.fit
+
+    def killed_fit(self):
+        self.stop_after_steps = 2
+        return original(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", killed_fit)
+    code, _, err = run_cli(base_run(tmp_path, "blend"), capsys)
+    assert code == 130 and "resume" in err
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert ckpt.is_file() and not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.setattr(train_mod.Trainer, "fit", original)
+    # a different configuration does not silently reuse the checkpoint
+    other = base_run(tmp_path, "blend", "--lr", "0.01")
+    assert "different configuration" in error_line(other, capsys)
+    # a corrupted checkpoint is named
+    saved = ckpt.read_bytes()
+    ckpt.write_bytes(saved[: len(saved) // 3])
+    assert "corrupted or truncated" in error_line(base_run(tmp_path, "blend"), capsys)
+    # the intact checkpoint resumes to the same result as an uninterrupted run
+    ckpt.write_bytes(saved)
+    assert run_cli(base_run(tmp_path, "blend"), capsys)[0] == 0
+    resumed = RunRecord(tmp_path / "run").metrics()
+    args = base_run(tmp_path, "blend")
+    args[args.index("--out") + 1] = str(tmp_path / "straight")
+    assert run_cli(args, capsys)[0] == 0
+    straight = RunRecord(tmp_path / "straight").metrics()
+    assert resumed["clean_accuracy"] == straight["clean_accuracy"]
+    assert resumed["attack_success_rate"] == straight["attack_success_rate"]
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(hist) == 1
+
+
+def test_corrupted_weights_file_is_named(tmp_path, capsys):
+    from veil.records import load_tensors
+    from veil.errors import CheckpointError
+
+    assert run_cli(base_run(tmp_path, "none"), capsys)[0] == 0
+    w = tmp_path / "run" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupted or truncated"):
+        load_tensors(w)
+
+
+def test_list(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    for name in ("gtsrb", "cifar10", "cifar100", "imagefolder", "preact_resnet18", "vit_small", "badnets", "wanet", "fiba", "none"):
+        assert name in out

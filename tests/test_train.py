@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from veil.data.base import ImageDataset
+from veil.errors import CheckpointError, ConfigError
+from veil.records import atomic_torch_save
+from veil.train import Batch, TrainConfig, Trainer, TrainHook, predict
+
+
+class TinyCNN(nn.Module):
+    """Two conv layers; the features/classify split the trainer uses."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def classify(self, f):
+        return self.head(f)
+
+    def forward(self, x):
+        return self.classify(self.features(x))
+
+
+def separable(n: int = 256, seed: int = 0) -> ImageDataset:
+    """Class 1 images are bright, class 0 dark: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    base = torch.where(labels[:, None, None, None] == 1, 170, 60)
+    noise = torch.randint(-40, 40, (n, 3, 16, 16), generator=g)
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    return ImageDataset(images, labels, ["dark", "bright"], "separable", hflip=True)
+
+
+def _trainer(tmp_path=None, epochs=2, hooks=(), seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, seed=seed, checkpoint_every=3, **kw)
+    ckpt = None if tmp_path is None else tmp_path / "ckpt.pt"
+    return Trainer(model, separable(), cfg, hooks=hooks, checkpoint=ckpt, device="cpu", progress=False)
+
+
+def test_trainer_learns_and_logs_history():
+    data = separable()
+    seen = []
+    t = _trainer(epochs=3)
+    t.evaluate = lambda m: {"clean_accuracy": float((predict(m, data.images) == data.labels).float().mean())}
+    history = t.fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["clean_accuracy"] > 0.9
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(h["seconds"] > 0 for h in history)
+    del seen
+
+
+def test_same_seed_same_weights():
+    a = _trainer(seed=1)
+    a.fit()
+    b = _trainer(seed=1)
+    b.fit()
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    full = _trainer(epochs=2)
+    full.fit()
+    # killed mid-epoch 2 (16 steps in total; stop after 11), then resumed from the checkpoint
+    first = _trainer(tmp_path, epochs=2)
+    first.stop_after_steps = 11
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = _trainer(tmp_path, epochs=2, seed=0)
+    torch.manual_seed(123)  # a different global RNG state must not matter
+    resumed.fit()
+    assert len(resumed.history) == 2
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.history[0]["loss"] == pytest.approx(full.history[0]["loss"])
+
+
+def test_corrupted_checkpoint_is_reported(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04truncated")
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        _trainer(tmp_path).fit()
+    atomic_torch_save(tmp_path / "ckpt.pt", {"format": "something else"})
+    with pytest.raises(CheckpointError, match="does not match"):
+        _trainer(tmp_path).fit()
+
+
+class Recorder(TrainHook):
+    """Adds a loss term, co-trains a 'generator', clips, and alternates steps."""
+
+    def __init__(self) -> None:
+        self.gen = nn.Parameter(torch.zeros(1))
+        self.opt = torch.optim.SGD([self.gen], lr=0.1)
+        self.calls: dict[str, int] = {"transform": 0, "extra": 0, "after": 0, "epoch_start": 0}
+        self.frozen_steps: list[int] = []
+        self.gen_grads: list[float] = []
+
+    def modules(self):
+        return ()
+
+    def optimizers(self):
+        return (self.opt,)
+
+    def on_epoch_start(self, trainer, epoch):
+        self.calls["epoch_start"] += 1
+
+    def transform_batch(self, trainer, batch: Batch) -> Batch:
+        self.calls["transform"] += 1
+        batch.x = (batch.x + self.gen).clamp(0, 1)  # the 'generator' shifts brightness
+        return batch
+
+    def extra_loss(self, trainer, batch, features, logits):
+        self.calls["extra"] += 1
+        return 0.01 * features.pow(2).mean()
+
+    def train_classifier(self, trainer, batch):
+        return batch.step % 2 == 0  # alternate: odd steps train only the generator
+
+    def after_step(self, trainer, batch):
+        self.calls["after"] += 1
+        if self.gen.grad is not None:
+            self.gen_grads.append(float(self.gen.grad.abs()))
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.clamp_(-0.5, 0.5)  # parameter clip
+
+    def state_dict(self):
+        return {"gen": self.gen.detach().clone(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.gen.copy_(state["gen"])
+        self.opt.load_state_dict(state["opt"])
+
+
+def test_hooks_add_loss_cotrain_clip_and_alternate():
+    hook = Recorder()
+    t = _trainer(epochs=1, hooks=[hook])
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    snapshots = []
+    orig_step = t._step
+
+    def spy(idx, epoch):
+        w = t.model.head.weight.detach().clone()
+        out = orig_step(idx, epoch)
+        snapshots.append((t.global_step, w, t.model.head.weight.detach().clone()))
+        return out
+
+    t._step = spy  # type: ignore[method-assign]
+    t.fit()
+    assert hook.calls["transform"] == hook.calls["extra"] == hook.calls["after"] == t.steps_per_epoch
+    assert hook.calls["epoch_start"] == 1
+    assert any(g > 0 for g in hook.gen_grads)  # the classifier's loss reaches the generator
+    assert float(hook.gen.detach().abs()) > 0
+    for step, w_before, w_after in snapshots:
+        if step % 2 == 1:  # odd steps: classifier frozen
+            assert torch.equal(w_before, w_after)
+    changed = [k for k, v in t.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    assert all(p.abs().max() <= 0.5 + 1e-6 for p in t.model.parameters())
+
+
+def test_train_config_validation():
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="schedule"):
+        TrainConfig(schedule="linear")
