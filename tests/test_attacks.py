@@ -211,7 +211,9 @@ def test_badnets_changes_only_the_patch() -> None:
     region = torch.zeros(32, 32, dtype=torch.bool)
     region[-3:, -3:] = True
     assert not diff[~region].any()
-    assert (out[:, :, -3:, -3:] == 1).all()
+    # the default 3x3 checkerboard: white on the diagonal corners and centre, black elsewhere
+    board = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
+    assert (out[:, :, -3:, -3:] == board).all()
 
 
 @pytest.mark.parametrize("pattern", ["white", "checkerboard", "random"])

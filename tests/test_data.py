@@ -121,3 +121,25 @@ def test_gtsrb_imagefolder_layout(gtsrb_root):
     test = load_dataset("gtsrb", gtsrb_root, "test")
     assert len(test) == 12630 and test.num_classes == 43 and not test.hflip
     assert test.images.shape[1:] == (3, 32, 32)
+
+
+def test_gtsrb_official_torchvision_layout(tmp_path):
+    """torchvision's layout: GTSRB/Training/<class>/*.ppm and Final_Test/Images + GT-final_test.csv."""
+    rng = np.random.default_rng(1)
+    base = tmp_path / "gtsrb" / "GTSRB"
+    for c in range(2):
+        d = base / "Training" / f"{c:05d}"
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(d / f"{i:05d}_00000.ppm")
+    test_dir = base / "Final_Test" / "Images"
+    test_dir.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(test_dir / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;30;30;0;0;29;29;{i % 2}")
+    (tmp_path / "gtsrb" / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    train = load_dataset("gtsrb", tmp_path, "train", cache_dir=tmp_path / "cache")
+    test = load_dataset("gtsrb", tmp_path, "test", cache_dir=tmp_path / "cache")
+    assert train.images.shape == (6, 3, 32, 32) and sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert test.images.shape == (4, 3, 32, 32) and test.labels.tolist() == [0, 1, 0, 1]

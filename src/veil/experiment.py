@@ -274,7 +274,10 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
 
     # stealth on test images whose label differs from the target (as the attack would be used)
     targets = attack.target_labels(test.labels)
-    rows = torch.nonzero(test.labels != targets).flatten()[: config.stealth_samples]
+    eligible = torch.nonzero(test.labels != targets).flatten()
+    # a seeded random sample of the eligible test images (the test set is sorted by class)
+    pick = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(config.seed))
+    rows = eligible[pick[: config.stealth_samples]]
     clean_x = to_float(test.images[rows])
     poison_x = attack.apply_quantized(clean_x, test.labels[rows]).cpu()
     lpips_model, lpips_note = _lpips_model(config, torch.device("cpu"))

@@ -457,6 +457,8 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str
     for i in range(0, images.shape[0], batch_size):
         xb = images[i : i + batch_size].to(dev)
         xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+        if xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             preds.append(model(xb).argmax(1).cpu())
     model.train(was_training)

@@ -45,6 +45,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp", ".tif", ".
 SAMPLE_FILE = Path(__file__).with_name("sample") / "gtsrb_sample.npz"
 
 
+Loaded = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset loader provides.
@@ -53,13 +56,14 @@ class DatasetInfo:
         name: registry name.
         hflip: whether horizontal flips keep the label (False for traffic signs).
         needs_root: whether a data folder must be given.
-        loader: ``loader(root, split, image_size, download) -> (images uint8 NCHW, labels, classes)``.
+        loader: ``loader(root, split, image_size, download, cache_dir) -> (images uint8 NCHW, labels,
+            classes)``.
     """
 
     name: str
     hflip: bool
     needs_root: bool
-    loader: Callable[[Path | None, str, int, bool], tuple[torch.Tensor, torch.Tensor, list[str]]]
+    loader: Callable[[Path | None, str, int, bool, Path], Loaded]
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
@@ -136,66 +140,63 @@ def _folder_key(files: list[tuple[Path, int]], image_size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_imagefolder_split(split_dir: Path, image_size: int, name: str, cache_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    classes, files = _list_class_folders(split_dir)
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    key = _folder_key(files, image_size)
-    cache = cache_dir / f"{name}-{split_dir.name}-{image_size}-{key}.safetensors"
+def _cached_decode(files: list[tuple[Path, int]], image_size: int, tag: str, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``files`` once; later calls read the uint8 tensors from ``cache_dir``."""
+    cache = cache_dir / f"{tag}-{image_size}-{_folder_key(files, image_size)}.safetensors"
     if cache.is_file():
         try:
             t = load_tensors(cache)
-            log.info("loaded %s from cache %s", split_dir, cache)
-            return t["images"], t["labels"], classes
+            log.info("loaded %s from cache %s", tag, cache)
+            return t["images"], t["labels"]
         except Exception as exc:  # a broken cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s (%s)", cache, exc)
-    x, y = _decode_files(files, image_size, desc=f"decode {name}/{split_dir.name}")
+    x, y = _decode_files(files, image_size, desc=f"decode {tag}")
     try:
         atomic_save_tensors(cache, {"images": x, "labels": y})
     except OSError as exc:
         log.warning("could not write dataset cache %s (%s)", cache, exc)
+    return x, y
+
+
+def _load_imagefolder_split(split_dir: Path, image_size: int, name: str, cache_dir: Path) -> Loaded:
+    classes, files = _list_class_folders(split_dir)
+    x, y = _cached_decode(files, image_size, f"{name}-{split_dir.name}", cache_dir)
     return x, y, classes
 
 
 # ----------------------------------------------------------------------------- loaders
-_CACHE_DIR: dict[str, Path | None] = {"dir": None}
-
-
-def _gtsrb(root: Path | None, split: str, image_size: int, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _gtsrb(root: Path | None, split: str, image_size: int, download: bool, cache_dir: Path) -> Loaded:
     assert root is not None
     for base in (root / "gtsrb", root):
         if (base / split).is_dir() and any((base / split).iterdir()):
-            return _load_imagefolder_split(base / split, image_size, "gtsrb", _CACHE_DIR["dir"])
+            return _load_imagefolder_split(base / split, image_size, "gtsrb", cache_dir)
     official = root / "gtsrb" / "GTSRB"
     if official.is_dir() or download:
-        return _gtsrb_official(root, split, image_size, download)
+        return _gtsrb_official(root, split, image_size, download, cache_dir)
     raise DatasetError(
         f"no GTSRB data under {root}: expected {root}/gtsrb/{split}/<class>/*.png (ImageFolder layout) "
         f"or torchvision's official layout {root}/gtsrb/GTSRB (use --download to fetch it)"
     )
 
 
-def _gtsrb_official(root: Path, split: str, image_size: int, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _gtsrb_official(root: Path, split: str, image_size: int, download: bool, cache_dir: Path) -> Loaded:
+    """torchvision's layout (``ROOT/gtsrb/GTSRB/Training/<class>/*.ppm``, ``Final_Test/Images``
+    with ``ROOT/gtsrb/GT-final_test.csv``), downloaded by torchvision when ``download``."""
     from torchvision.datasets import GTSRB
 
     try:
         ds = GTSRB(str(root), split=split, download=download)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         raise DatasetError(f"GTSRB official files not found under {root}/gtsrb ({exc}); use --download") from exc
-    samples = list(ds._samples)  # (path, label) pairs; reading through PIL per file
-    files = [(Path(p), int(c)) for p, c in samples]
-    cache_dir = _CACHE_DIR["dir"] or default_cache_dir()
-    key = _folder_key(files, image_size)
-    cache = cache_dir / f"gtsrb-official-{split}-{image_size}-{key}.safetensors"
-    if cache.is_file():
-        t = load_tensors(cache)
-        return t["images"], t["labels"], [f"{i:05d}" for i in range(43)]
-    x, y = _decode_files(files, image_size, desc=f"decode gtsrb/{split}")
-    atomic_save_tensors(cache, {"images": x, "labels": y})
+    files = [(Path(p), int(c)) for p, c in ds._samples]  # the (path, label) pairs torchvision found
+    if not files:
+        raise DatasetError(f"GTSRB official {split} folder under {root}/gtsrb holds no images")
+    x, y = _cached_decode(files, image_size, f"gtsrb-official-{split}", cache_dir)
     return x, y, [f"{i:05d}" for i in range(43)]
 
 
-def _cifar(cls_name: str) -> Callable[[Path | None, str, int, bool], tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    def loader(root: Path | None, split: str, image_size: int, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _cifar(cls_name: str) -> Callable[[Path | None, str, int, bool, Path], Loaded]:
+    def loader(root: Path | None, split: str, image_size: int, download: bool, cache_dir: Path) -> Loaded:
         import torchvision.datasets as tvd
 
         assert root is not None
@@ -211,12 +212,12 @@ def _cifar(cls_name: str) -> Callable[[Path | None, str, int, bool], tuple[torch
     return loader
 
 
-def _imagefolder(root: Path | None, split: str, image_size: int, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _imagefolder(root: Path | None, split: str, image_size: int, download: bool, cache_dir: Path) -> Loaded:
     assert root is not None
-    return _load_imagefolder_split(root / split, image_size, "imagefolder", _CACHE_DIR["dir"])
+    return _load_imagefolder_split(root / split, image_size, "imagefolder", cache_dir)
 
 
-def _gtsrb_sample(root: Path | None, split: str, image_size: int, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _gtsrb_sample(root: Path | None, split: str, image_size: int, download: bool, cache_dir: Path) -> Loaded:
     """The bundled sample: a PNG mosaic per split (see ``scripts/make_gtsrb_sample.py``)."""
     if not SAMPLE_FILE.is_file():
         raise DatasetError(f"the bundled GTSRB sample {SAMPLE_FILE} is missing from the installation")
@@ -275,8 +276,8 @@ def load_dataset(
             raise DatasetError(f"data folder {path} does not exist")
         if download:
             path.mkdir(parents=True, exist_ok=True)
-    _CACHE_DIR["dir"] = Path(cache_dir) if cache_dir is not None else None
-    images, labels, classes = info.loader(path, split, image_size, download)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    images, labels, classes = info.loader(path, split, image_size, download, cache)
     if images.shape[0] == 0:
         raise DatasetError(f"dataset {name!r} split {split!r} under {path} is empty")
     return ImageDataset(images, labels, classes, name, info.hflip)
