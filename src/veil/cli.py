@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from veil.errors import ConfigError, VeilError
+from veil.errors import VeilError
 
 log = logging.getLogger("veil")
 
@@ -56,12 +56,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attack-opt", action="append", type=_attack_option, default=[], metavar="NAME=VALUE",
                    help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6)")
+    p.add_argument("--augment", default=None, help="extra training augmentation: jpeg, autoencoder or jpeg+autoencoder")
     p.add_argument("--train-subset", type=int, default=None, help="stratified training subset size")
     p.add_argument("--test-subset", type=int, default=None, help="stratified test subset size")
     p.add_argument("--stealth-samples", type=int, default=1000, help="test images for PSNR/SSIM/LPIPS")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--download", action="store_true", help="download the dataset if missing (needs a network)")
+    p.add_argument("--download", action="store_true", help="download the dataset and the LPIPS backbone if missing (needs a network)")
     p.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default $VEIL_CACHE or ~/.cache/veil)")
     p.add_argument("--lpips-weights", default=None, help="folder holding alexnet_imagenet_features.pth (or set $VEIL_WEIGHTS)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -89,6 +90,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         mode=args.mode,
         seed=args.seed,
         attack_options=dict(args.attack_opt),
+        augment=args.augment,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         stealth_samples=args.stealth_samples,

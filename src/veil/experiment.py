@@ -8,13 +8,13 @@ and write the run record (see :mod:`veil.records`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
 import shutil
 import subprocess
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 import veil
 from veil import records as rec
 from veil.attacks import ATTACKS, Attack, create_attack
-from veil.data import ImageDataset, load_dataset, stratified_subset, to_float
+from veil.data import ImageDataset, PoisonedDataset, load_dataset, stratified_subset, to_float
 from veil.data.datasets import DATASETS
 from veil.errors import ConfigError, RecordError
 from veil.metrics import accuracy, stealth_metrics
@@ -56,6 +56,8 @@ class RunConfig:
         mode: ``all2one`` or ``all2all``.
         seed: seed of everything random in the run.
         attack_options: attack-specific options (see each attack's ``Config``).
+        augment: extra training augmentation of the (poisoned) training images, e.g. ``jpeg``,
+            ``autoencoder`` or ``jpeg+autoencoder`` (see :mod:`veil.augment`).
         train_subset, test_subset: stratified subset sizes for CPU-scale runs.
         stealth_samples: test images the stealth metrics are averaged over.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -80,6 +82,7 @@ class RunConfig:
     mode: str = "all2one"
     seed: int = 0
     attack_options: dict[str, Any] = field(default_factory=dict)
+    augment: str | None = None
     train_subset: int | None = None
     test_subset: int | None = None
     stealth_samples: int = 1000
@@ -107,6 +110,10 @@ class RunConfig:
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule=self.schedule)
+        if self.augment:
+            from veil.augment import parse_augment
+
+            parse_augment(self.augment)
         from veil.models import model_class
 
         model_class(self.model).check_image_size(self.image_size)
@@ -187,8 +194,8 @@ def _lpips_model(config: RunConfig, device: torch.device) -> tuple[torch.nn.Modu
     from veil.metrics.lpips import load_lpips
 
     try:
-        return load_lpips(config.lpips_weights, device=device), None
-    except FileNotFoundError as exc:
+        return load_lpips(config.lpips_weights, device=device, download=config.download), None
+    except (FileNotFoundError, OSError) as exc:  # OSError: a failed download
         log.warning("LPIPS not computed: %s", exc)
         return None, str(exc)
 
@@ -227,6 +234,10 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     attack.fit(train, device=device)
     poisoned = attack.poison(train)
     fit_seconds = time.perf_counter() - t0
+    for name, png in attack.figures().items():
+        rec.atomic_write_bytes(record.path("figures") / name, png)
+    for name, table in attack.tables().items():
+        rec.atomic_write_json(record.path("tables") / f"{name}.json", table)
     record.write_json(
         rec.POISON_INDICES,
         {"poison": poisoned.poison_indices.tolist(), "extra": poisoned.extra_indices.tolist(), "train_size": len(train)},
@@ -238,7 +249,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         pt = static_test if static_test is not None else attack.poison_test(test)
         return {
             "clean_accuracy": accuracy(predict(m, test.images), test.labels),
-            "attack_success_rate": _asr(m, pt, test, attack),
+            "attack_success_rate": _asr(m, pt),
         }
 
     train_cfg = TrainConfig(
@@ -249,12 +260,16 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         schedule=config.schedule,
         seed=config.seed,
     )
-    hook = attack.training_hook()
+    hooks = [h for h in [attack.training_hook()] if h is not None]
+    if config.augment:
+        from veil.augment import build_augment_hook
+
+        hooks.append(build_augment_hook(config.augment, train, device=device, record_dir=record.root, seed=config.seed))
     trainer = Trainer(
         model,
         poisoned,
         train_cfg,
-        hooks=[hook] if hook is not None else [],
+        hooks=hooks,
         evaluate=evaluate,
         checkpoint=record.path(rec.CHECKPOINT),
         device=device,
@@ -326,13 +341,79 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     return metrics
 
 
-def _asr(model: torch.nn.Module, poisoned_test: ImageDataset, test: ImageDataset, attack: Attack) -> float:
+def _asr(model: torch.nn.Module, poisoned_test: ImageDataset) -> float:
+    """Share of the attack-success-rate set (test images whose true label differs from their
+    target, already poisoned and relabelled by :meth:`Attack.poison_test`) classified as the target."""
     if len(poisoned_test) == 0:
         return float("nan")
-    preds = predict(model, poisoned_test.images)
-    # poisoned_test already holds only rows whose true label differs from the target
-    return float((preds == poisoned_test.labels).float().mean())
+    return accuracy(predict(model, poisoned_test.images), poisoned_test.labels)
 
 
-def replace(config: RunConfig, **changes: Any) -> RunConfig:
-    return dataclasses.replace(config, **changes)
+@dataclass
+class LoadedRun:
+    """A finished run brought back from its record: what defenses and analyses start from.
+
+    Attributes:
+        record: the run folder.
+        config: the run's :class:`RunConfig`.
+        model: the trained classifier, in eval mode on ``device``.
+        attack: the attack with its trigger restored from ``attack.safetensors``.
+    """
+
+    record: rec.RunRecord
+    config: RunConfig
+    model: torch.nn.Module
+    attack: Attack
+
+    def data(self, data_root: str | None = None, cache_dir: str | None = None) -> tuple[ImageDataset, ImageDataset]:
+        """The run's training and test sets (same subsets as the run; ``data_root`` overrides the
+        recorded folder, e.g. on another machine)."""
+        config = self.config
+        if data_root is not None or cache_dir is not None:
+            config = dataclasses.replace(
+                config, data_root=data_root or config.data_root, cache_dir=cache_dir or config.cache_dir
+            )
+        return _load_data(config)
+
+    def poisoned_train(self, train: ImageDataset) -> PoisonedDataset:
+        """The training set as the attack poisoned it (recorded poison indices)."""
+        idx = torch.tensor(self.record.poison_indices()["poison"], dtype=torch.long)
+        return self.attack.poison(train, indices=idx) if idx.numel() else self.attack.poison(train)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load a finished run's configuration, classifier weights and attack trigger.
+
+    Raises:
+        RecordError: the folder is missing or holds no finished run.
+        CheckpointError: the weights file is missing, truncated or corrupted.
+    """
+    record = rec.RunRecord(run_dir).require()
+    raw = record.config()
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    config = RunConfig(**{k: v for k, v in raw.items() if k in fields})
+    dev = resolve_device(device)
+    state = record.model_state()  # raises CheckpointError when missing or corrupted
+    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else None
+    if num_classes is None:
+        raise RecordError(f"{record.path(rec.MODEL)} holds no classifier head")
+    model = create_model(config.model, num_classes=num_classes, image_size=config.image_size, width=config.width)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RecordError(f"{record.path(rec.MODEL)} does not match model {config.model!r} ({exc})") from exc
+    model.to(dev).eval()
+    in_channels = int(getattr(model, "in_channels", 3))
+    attack = create_attack(
+        config.attack,
+        num_classes,
+        (in_channels, config.image_size, config.image_size),
+        target=config.target,
+        mode=config.mode,
+        poison_rate=config.poison_rate,
+        poison_count=config.poison_count,
+        seed=config.seed,
+        **config.attack_options,
+    )
+    attack.load_state_dict(record.attack_state())
+    return LoadedRun(record=record, config=config, model=model, attack=attack)

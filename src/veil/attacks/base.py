@@ -148,6 +148,15 @@ class Attack:
     def fit(self, train: ImageDataset, device: torch.device | str = "cpu") -> None:
         """Learn whatever the trigger needs before poisoning (no-op for fixed triggers)."""
 
+    def figures(self) -> dict[str, bytes]:
+        """PNG figures the attack made while fitting (e.g. a Fourier heatmap), by file name; the run
+        writes them to ``RUN/figures/`` and the report shows them."""
+        return {}
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Tables ``{"title", "columns", "rows"}`` by name; written to ``RUN/tables/NAME.json``."""
+        return {}
+
     def training_hook(self) -> TrainHook | None:
         """A hook that changes training (extra losses, generators, clipping), or ``None``."""
         return None

@@ -15,7 +15,7 @@ The backbone is looked for, in order, in
    torchvision AlexNet state dict, as a past ``alexnet(weights="IMAGENET1K_V1")`` left it).
 
 Example:
-    >>> model = load_lpips("../shared/weights")        # doctest: +SKIP
+    >>> model = load_lpips("path/to/weights")          # doctest: +SKIP
     >>> lpips_distance(model, clean, poisoned)          # doctest: +SKIP
     tensor([0.0123, 0.0098, ...])
 """
@@ -138,7 +138,18 @@ def _build_state(model: torch.nn.Module, backbone: dict[str, Tensor], backbone_p
     return state
 
 
-def load_lpips(weights_dir: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+def download_backbone() -> Path:
+    """Fetch torchvision's ImageNet AlexNet into the torch hub cache (needs a network) and return
+    the file, which :func:`find_lpips_backbone` then finds."""
+    from torchvision.models import AlexNet_Weights
+
+    AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILE
+
+
+def load_lpips(
+    weights_dir: str | Path | None = None, device: str | torch.device = "cpu", download: bool = False
+) -> torch.nn.Module:
     """LPIPS (alex, v0.1) with published weights, built offline, in eval mode with frozen parameters.
 
     Args:
@@ -146,6 +157,7 @@ def load_lpips(weights_dir: str | Path | None = None, device: str | torch.device
             ``None`` or lacks the file, ``$VEIL_WEIGHTS`` and then the torch hub cache are tried
             (see the module docstring).
         device: where to put the model.
+        download: when no backbone is found, fetch torchvision's into the torch hub cache first.
 
     Returns:
         an ``lpips.LPIPS`` module; call it as ``model(x, y, normalize=True)`` on ``[0, 1]`` images
@@ -156,11 +168,14 @@ def load_lpips(weights_dir: str | Path | None = None, device: str | torch.device
         CheckpointError: a weights file is truncated, corrupted, or holds the wrong tensors.
     """
     path = find_lpips_backbone(weights_dir)
+    if path is None and download:
+        download_backbone()
+        path = find_lpips_backbone(weights_dir)
     if path is None:
         searched = "\n  ".join(str(p) for p in _candidates(weights_dir))
         raise FileNotFoundError(
             "LPIPS needs the ImageNet AlexNet backbone and none was found. Looked for:\n  "
-            f"{searched}\nPass the folder holding {BACKBONE_FILE} (for example ../shared/weights) as "
+            f"{searched}\nPass the folder holding {BACKBONE_FILE} (the LPIPS AlexNet backbone) as "
             f"weights_dir, or set the environment variable {WEIGHTS_ENV} to that folder."
         )
     if weights_dir is not None and path != _candidates(weights_dir)[0]:
