@@ -89,7 +89,7 @@ def bench_veil(model, data, batch_size: int, steps: int) -> float:
 
 def step_breakdown(model, data, batch_size: int, steps: int) -> dict[str, float]:
     """Time each phase of the veil step (same operations as Trainer._step)."""
-    model = model.to(memory_format=torch.channels_last).train()
+    model = model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     aug = BatchAugment(4, hflip=False)
     g = torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def step_breakdown(model, data, batch_size: int, steps: int) -> dict[str, float]
     for s in range(steps + 3):
         t0 = time.perf_counter()
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x = aug(to_float(images[idx]), g).contiguous(memory_format=torch.channels_last)
+        x = aug(to_float(images[idx]), g)
         y = labels[idx]
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)

@@ -175,3 +175,15 @@ def test_train_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ConfigError, match="schedule"):
         TrainConfig(schedule="linear")
+
+
+def test_odd_last_batch_at_small_width_trains_on_cpu():
+    """A last batch of odd size through a narrow PreAct-ResNet (strided 1x1 shortcut convs) trains:
+    the CPU path must not use the channels-last layout that corrupts memory there."""
+    from veil.models import create_model
+
+    data = separable(n=37)
+    model = create_model("preact_resnet18", num_classes=2, width=4, seed=0, image_size=16)
+    t = Trainer(model, data, TrainConfig(epochs=1, batch_size=16, checkpoint_every=0), device="cpu", progress=False)
+    history = t.fit()
+    assert len(history) == 1 and history[0]["loss"] == history[0]["loss"]

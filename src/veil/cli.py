@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="registered datasets, models and attacks")
     p.set_defaults(func=cmd_list)
+
+    from veil import sweep
+
+    sweep.add_parser(sub)
     return parser
 
 
