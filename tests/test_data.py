@@ -143,3 +143,9 @@ def test_gtsrb_official_torchvision_layout(tmp_path):
     test = load_dataset("gtsrb", tmp_path, "test", cache_dir=tmp_path / "cache")
     assert train.images.shape == (6, 3, 32, 32) and sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert test.images.shape == (4, 3, 32, 32) and test.labels.tolist() == [0, 1, 0, 1]
+
+
+def test_stratified_subset_smaller_than_class_count_is_refused():
+    ds = make_synthetic(n=430, num_classes=43)
+    with pytest.raises(ConfigError, match="cannot hold the 43 classes"):
+        stratified_subset(ds, 40)

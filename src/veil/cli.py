@@ -156,6 +156,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("datasets: " + ", ".join(list_datasets()))
     print("models:   " + ", ".join(list_models()))
     print("attacks:  " + ", ".join(list_attacks()))
+    from veil.defenses import list_defenses
+
+    print("defenses: " + ", ".join(list_defenses()))
     return 0
 
 
@@ -234,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     from veil import sweep
+    from veil.defenses.cli import add_parser as add_defend_parser
 
     sweep.add_parser(sub)
+    add_defend_parser(sub)
     return parser
 
 

@@ -264,7 +264,11 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     if config.augment:
         from veil.augment import build_augment_hook
 
-        hooks.append(build_augment_hook(config.augment, train, device=device, record_dir=record.root, seed=config.seed))
+        hooks.append(
+            build_augment_hook(
+                config.augment, train, device=device, record_dir=record.root, seed=config.seed, progress=config.progress
+            )
+        )
     trainer = Trainer(
         model,
         poisoned,

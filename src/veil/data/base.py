@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from veil.errors import ConfigError
+
 
 def to_float(images: Tensor) -> Tensor:
     """``uint8`` images in ``[0, 255]`` to ``float32`` in ``[0, 1]``."""
@@ -105,6 +107,11 @@ def stratified_subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageData
     g = torch.Generator().manual_seed(seed)
     labels = dataset.labels
     counts = torch.bincount(labels, minlength=dataset.num_classes).double()
+    present = int((counts > 0).sum())
+    if n < present:
+        raise ConfigError(
+            f"a stratified subset of {n} images cannot hold the {present} classes present; ask for at least {present}"
+        )
     quota = counts * (n / total)
     base = quota.floor().long()
     base = torch.where((counts > 0) & (base == 0), torch.ones_like(base), base)

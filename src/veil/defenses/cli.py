@@ -1,0 +1,88 @@
+"""``veil defend``: apply a registered defense to a finished run.
+
+    veil defend jpeg --run runs/badnets --qualities 95,90,80,70
+    veil defend autoencoder --run runs/fiba --epochs 5 --device cuda
+    veil defend jpeg --run runs/badnets --opt reference=runs/clean
+
+The result goes to ``RUN/defenses/NAME/result.json`` with figures and tables beside it (the HTML
+report shows them). Wired into :mod:`veil.cli` by :func:`add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from typing import Any
+
+
+def _qualities(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"qualities must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("qualities must list at least one integer")
+    return values
+
+
+def _option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"defense option {text!r} must look like NAME=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        parsed: Any = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``defend`` subcommand on ``subparsers`` (from ``parser.add_subparsers()``)."""
+    from veil.defenses import list_defenses
+
+    p = subparsers.add_parser(
+        "defend",
+        help="apply a defense to a finished run (" + ", ".join(list_defenses()) + ")",
+        description="Apply a registered defense to a finished run; writes RUN/defenses/NAME/result.json, figures and tables.",
+    )
+    p.add_argument("defense", metavar="NAME", help="defense name: " + ", ".join(list_defenses()))
+    p.add_argument("--run", required=True, metavar="DIR", help="finished run folder")
+    p.add_argument("--quality", type=int, default=None, help="jpeg: JPEG quality the result is reported at (default 90)")
+    p.add_argument("--qualities", type=_qualities, default=None, metavar="Q,Q,...",
+                   help="jpeg: qualities of the sweep (default 95,90,80,70,60,50)")
+    p.add_argument("--epochs", type=int, default=None, help="autoencoder: training epochs (default 5)")
+    p.add_argument("--opt", action="append", type=_option, default=[], metavar="NAME=VALUE",
+                   help="any other defense option, repeatable (e.g. --opt reference=runs/clean)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one recorded in the run)")
+    p.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on a stratified subset of N test images")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/defenses/NAME)")
+    p.set_defaults(func=cmd_defend)
+    return p
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    """Run the defense and print a one-line summary."""
+    from veil.defenses import defense_dir, run_defense
+    from veil.train import resolve_device
+
+    options: dict[str, Any] = dict(getattr(args, "opt", []) or [])
+    for key in ("quality", "qualities", "epochs"):
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    result = run_defense(
+        args.defense,
+        args.run,
+        device=resolve_device(args.device),
+        data_root=args.data_root,
+        cache_dir=getattr(args, "cache_dir", None),
+        test_subset=args.test_subset,
+        out_dir=getattr(args, "out", None),
+        progress=not getattr(args, "quiet", False),
+        **options,
+    )
+    out = args.out if getattr(args, "out", None) else defense_dir(args.run, args.defense)
+    print(f"{args.run}: {args.defense}: {result.summary()} -> {out}/result.json")
+    return 0
