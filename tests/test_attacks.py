@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_synthetic
 
 from veil.attacks import ATTACKS, Attack, create_attack, list_attacks
 from veil.data.base import ImageDataset, PoisonedDataset, quantize, to_float
@@ -22,8 +23,28 @@ CLEAN_LABEL = [n for n in ALL if ATTACKS.get(n).clean_label]
 RANDOM_TRIGGER = ["blend", "fiba", "wanet"]
 
 
+#: options for attacks that learn their trigger in ``fit``, so that fitting is cheap: the frequency
+#: attack reads a saved heatmap (set by ``_fit_files``) instead of training a reference model, and
+#: gets a norm bound that uniform-noise images (flat spectrum) can meet
+FIT_OPTIONS: dict[str, dict[str, object]] = {"frequency": {"k": 2, "delta_p": 4.0}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fit_files(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from veil.analysis import save_heatmap
+
+    path = tmp_path_factory.mktemp("fit") / "heatmap.safetensors"
+    save_heatmap(path, torch.rand(SHAPE[1:], generator=torch.Generator().manual_seed(0)))
+    FIT_OPTIONS["frequency"]["heatmap_path"] = str(path)
+
+
 def make(name: str, **options: object) -> Attack:
-    return create_attack(name, NUM_CLASSES, SHAPE, **options)
+    """The attack with defaults (and ``options``); fitted on synthetic data if it ``needs_fit``."""
+    if not ATTACKS.get(name).needs_fit:
+        return create_attack(name, NUM_CLASSES, SHAPE, **options)
+    attack = create_attack(name, NUM_CLASSES, SHAPE, **{**FIT_OPTIONS.get(name, {}), **options})
+    attack.fit(make_synthetic(32, num_classes=NUM_CLASSES, seed=7))
+    return attack
 
 
 def rand_images(n: int = 6, seed: int = 0) -> torch.Tensor:

@@ -82,6 +82,9 @@ class Attack:
     #: attacks whose poisoned training images depend on training (generators) set this False;
     #: the trainer then asks the training hook to poison batches on the fly
     static_poison: ClassVar[bool] = True
+    #: attacks whose trigger is learned by :meth:`fit` (e.g. from a reference model) and cannot
+    #: :meth:`apply` before it (or before :meth:`load_state_dict`) set this True
+    needs_fit: ClassVar[bool] = False
 
     def __init__(self, config: AttackConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         if not isinstance(config, self.Config):
