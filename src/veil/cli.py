@@ -26,15 +26,20 @@ from veil.errors import VeilError
 log = logging.getLogger("veil")
 
 
-def _attack_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
+    """``NAME=VALUE`` -> ``(name, value)``, the value read as a Python literal when it is one."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"attack option {text!r} must look like NAME=VALUE")
+        raise argparse.ArgumentTypeError(f"{what} {text!r} must look like NAME=VALUE")
     key, value = text.split("=", 1)
     try:
         parsed: Any = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         parsed = value
     return key.strip().replace("-", "_"), parsed
+
+
+def _attack_option(text: str) -> tuple[str, Any]:
+    return parse_option(text, "attack option")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ e.g. Table 3 of Hammoud & Ghanem (2021) -- rows are poison counts ``|I_P|``, one
     base:                                  # RunConfig fields shared by every point
       attack: frequency
       dataset: gtsrb
-      data_root: ../../../shared/datasets
+      data_root: path/to/datasets
       model: preact_resnet18
       width: 16
       epochs: 4

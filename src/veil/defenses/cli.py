@@ -11,7 +11,6 @@ report shows them). Wired into :mod:`veil.cli` by :func:`add_parser`.
 from __future__ import annotations
 
 import argparse
-import ast
 from typing import Any
 
 
@@ -26,14 +25,9 @@ def _qualities(text: str) -> tuple[int, ...]:
 
 
 def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"defense option {text!r} must look like NAME=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        parsed: Any = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
+    from veil.cli import parse_option
+
+    return parse_option(text, "defense option")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
