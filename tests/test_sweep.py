@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from veil import sweep_cli
+
 import argparse
 import dataclasses
 import json
@@ -87,9 +89,9 @@ def no_training(config):
 def cli(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="veil")
     sub = parser.add_subparsers(dest="command", required=True)
-    sw.add_parser(sub)
+    sweep_cli.add_parser(sub)
     ns = parser.parse_args(["sweep", *args])
-    return sw.cmd_sweep(ns)
+    return sweep_cli.cmd_sweep(ns)
 
 
 # --------------------------------------------------------------------------- real training, once

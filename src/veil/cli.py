@@ -241,10 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="registered datasets, models and attacks")
     p.set_defaults(func=cmd_list)
 
-    from veil import sweep
+    from veil import sweep_cli
     from veil.defenses.cli import add_parser as add_defend_parser
 
-    sweep.add_parser(sub)
+    sweep_cli.add_parser(sub)
     add_defend_parser(sub)
     return parser
 
