@@ -70,7 +70,7 @@ def test_missing_and_empty_data_folders(tmp_path, capsys):
 
 
 def test_run_records_everything_and_is_deterministic(tmp_path, capsys):
-    code, out, err = run_cli(base_run(tmp_path), capsys)
+    code, _, err = run_cli(base_run(tmp_path), capsys)
     assert code == 0, err
     rec = RunRecord(tmp_path / "run").require()
     m = rec.metrics()
@@ -100,7 +100,7 @@ def test_run_records_everything_and_is_deterministic(tmp_path, capsys):
     assert "already holds a finished run" in line and "--overwrite" in line
     assert (tmp_path / "run" / "metrics.json").read_bytes() == before
     # the report over both runs
-    code, out, _ = run_cli(["report", str(tmp_path / "run"), str(tmp_path / "again"), "-o", str(tmp_path / "r.html")], capsys)
+    code, _, _ = run_cli(["report", str(tmp_path / "run"), str(tmp_path / "again"), "-o", str(tmp_path / "r.html")], capsys)
     assert code == 0 and (tmp_path / "r.html").stat().st_size > 1000
 
 
@@ -141,8 +141,8 @@ def test_interrupted_run_resumes_and_corrupted_checkpoint_is_reported(tmp_path, 
 
 
 def test_corrupted_weights_file_is_named(tmp_path, capsys):
-    from veil.records import load_tensors
     from veil.errors import CheckpointError
+    from veil.records import load_tensors
 
     assert run_cli(base_run(tmp_path, "none"), capsys)[0] == 0
     w = tmp_path / "run" / "model.safetensors"
@@ -156,3 +156,25 @@ def test_list(capsys):
     assert code == 0
     for name in ("gtsrb", "cifar10", "cifar100", "imagefolder", "preact_resnet18", "vit_small", "badnets", "wanet", "fiba", "none"):
         assert name in out
+
+
+def test_no_base_augment_turns_the_random_crop_off(tmp_path, capsys, monkeypatch):
+    """``--no-base-augment`` reaches the trainer (no random crop or flip) and the run's config."""
+    from veil import experiment
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_trainer(model, train, config, **kwargs):
+        seen["augment"] = config.augment
+        raise Stop
+
+    monkeypatch.setattr(experiment, "Trainer", fake_trainer)
+    for flags, expected in (([], True), (["--no-base-augment"], False)):
+        out = tmp_path / f"augment-{expected}"
+        with pytest.raises(Stop):
+            main(["-q", "run", "--attack", "none", *SMALL, "--out", str(out), *flags])
+        assert seen.pop("augment") is expected
+        assert json.loads((out / "config.json").read_text())["base_augment"] is expected

@@ -202,6 +202,14 @@ def test_fit_from_a_reference_run(tmp_path) -> None:  # type: ignore[no-untyped-
     attack.fit(make_synthetic(32, size=16))
     assert attack.heatmap.shape == (16, 16) and torch.equal(attack.heatmap, conjugate_mirror(attack.heatmap))
     assert torch.equal(attack.mask, top_k_mask(attack.heatmap, 3))
+    # the heatmap is cached in the reference run, and a second fit reuses it without the model
+    cache = attack.heatmap_cache_path(make_synthetic(32, size=16))
+    assert cache is not None and cache.is_file() and cache.parent == run.root / "analysis"
+    (run.root / "model.safetensors").unlink()
+    again = create_attack("frequency", 4, (3, 16, 16), reference_run=str(run.root), heatmap_images=4, k=3)
+    again.fit(make_synthetic(32, size=16))
+    assert torch.equal(again.heatmap, attack.heatmap)
+    run.save_tensors("model.safetensors", dict(model.state_dict()))
     with pytest.raises(ConfigError, match="16px"):
         create_attack("frequency", 4, SHAPE, reference_run=str(run.root)).fit(make_synthetic(8))
 

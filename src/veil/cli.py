@@ -62,6 +62,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-opt", action="append", type=_attack_option, default=[], metavar="NAME=VALUE",
                    help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6)")
     p.add_argument("--augment", default=None, help="extra training augmentation: jpeg, autoencoder or jpeg+autoencoder")
+    p.add_argument("--no-base-augment", dest="base_augment", action="store_false",
+                   help="train without the standard random crop (4-pixel padding) and flip")
     p.add_argument("--train-subset", type=int, default=None, help="stratified training subset size")
     p.add_argument("--test-subset", type=int, default=None, help="stratified test subset size")
     p.add_argument("--stealth-samples", type=int, default=1000, help="test images for PSNR/SSIM/LPIPS")
@@ -96,6 +98,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         attack_options=dict(args.attack_opt),
         augment=args.augment,
+        base_augment=args.base_augment,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         stealth_samples=args.stealth_samples,

@@ -58,6 +58,10 @@ class RunConfig:
         attack_options: attack-specific options (see each attack's ``Config``).
         augment: extra training augmentation of the (poisoned) training images, e.g. ``jpeg``,
             ``autoencoder`` or ``jpeg+autoencoder`` (see :mod:`veil.augment`).
+        base_augment: the trainer's standard augmentation (random crop with 4-pixel padding, plus
+            horizontal flips where the dataset allows them). ``False`` trains on the images as
+            they are, which some papers' victims do and which decides whether shift-sensitive
+            triggers (the ``frequency`` attack's fixed-phase cosines) are learned at CPU scale.
         train_subset, test_subset: stratified subset sizes for CPU-scale runs.
         stealth_samples: test images the stealth metrics are averaged over.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -83,6 +87,7 @@ class RunConfig:
     seed: int = 0
     attack_options: dict[str, Any] = field(default_factory=dict)
     augment: str | None = None
+    base_augment: bool = True
     train_subset: int | None = None
     test_subset: int | None = None
     stealth_samples: int = 1000
@@ -156,7 +161,7 @@ def _prepare_folder(config: RunConfig) -> rec.RunRecord:
         for name in (rec.CONFIG, rec.ENVIRONMENT, rec.POISON_INDICES, rec.HISTORY, rec.CHECKPOINT, rec.MODEL,
                      rec.ATTACK, rec.SAMPLES, rec.SAMPLES_PNG, rec.METRICS):
             record.path(name).unlink(missing_ok=True)
-        for sub in ("figures", "tables", "defenses"):
+        for sub in ("figures", "tables", "defenses", "analysis"):
             shutil.rmtree(record.path(sub), ignore_errors=True)
     elif record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
         old = {k: v for k, v in record.config().items() if k not in _RESUME_IGNORED}
@@ -259,6 +264,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         weight_decay=config.weight_decay,
         schedule=config.schedule,
         seed=config.seed,
+        augment=config.base_augment,
     )
     hooks = [h for h in [attack.training_hook()] if h is not None]
     if config.augment:

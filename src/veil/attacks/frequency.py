@@ -20,6 +20,13 @@ Stage 2 (:meth:`FrequencyAttack.apply`, eq. 4-6): per channel the spectrum at ``
 by ``A_c`` (:func:`veil.triggers.frequency.frequency_trigger`; the module explains why replacement
 and not the product as printed), then the label becomes the target (dirty label).
 
+The victim's random-crop augmentation matters (measured at CPU scale, GTSRB 32x32, PreActResNet-18
+width 16, 4 epochs, 1500 poisoned images, k = 2, delta_p = 0.6): with veil's default crop (4-pixel
+padding) the backdoor is not learned (ASR 0.007), without it (``--no-base-augment``) it is (ASR above
+0.99 by epoch 3). The trigger is a fixed-phase cosine; a shifted copy is a different pixel pattern,
+and at this norm the network learns the fixed-phase one within the epoch budget but not a
+shift-invariant detector. The paper does not state its training augmentation.
+
 Example:
     >>> from veil.attacks import create_attack
     >>> attack = create_attack("frequency", 43, (3, 32, 32), reference_run="runs/clean")
@@ -33,6 +40,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +54,7 @@ from veil.analysis.fourier import (
     frequency_pairs,
     heatmap_figure,
     load_heatmap,
+    save_heatmap,
     top_k_mask,
 )
 from veil.attacks.base import Attack, AttackConfig, register_attack
@@ -75,7 +84,9 @@ class FrequencyConfig(AttackConfig):
         channel_ratios: ``A_c = s * channel_ratios[c]``: one value per channel, same scale,
             different sign and size per channel (eq. 3 and "values within an additive mask are the
             same but different from the other masks"); at least one per image channel, distinct.
-        reference_run: folder of a finished clean run whose model is ``f_0``.
+        reference_run: folder of a finished clean run whose model is ``f_0``. Its heatmap is
+            cached in ``REFERENCE_RUN/analysis/`` (:meth:`FrequencyAttack.heatmap_cache_path`),
+            so the points of a sweep, or a resumed run, compute it once.
         heatmap_path: a safetensors file with a ``"heatmap"`` tensor ``(H, W)`` (e.g. the
             ``attack.safetensors`` of an earlier frequency run) to reuse instead of computing one.
         reference_model, reference_width, reference_epochs: when neither ``heatmap_path`` nor
@@ -178,6 +189,8 @@ class FrequencyAttack(Attack):
             heat, source = heatmap.detach().float().cpu(), "given heatmap"
         elif c.heatmap_path is not None:
             heat, source = load_heatmap(c.heatmap_path), f"heatmap file {c.heatmap_path}"
+        elif c.reference_run is not None and (cache := self.heatmap_cache_path(train)) is not None and cache.is_file():
+            heat, source = load_heatmap(cache), f"heatmap of reference run {c.reference_run} cached in {cache}"
         elif c.reference_run is not None:
             from veil.experiment import load_run
 
@@ -195,6 +208,7 @@ class FrequencyAttack(Attack):
             if run.config.dataset != train.name:
                 log.warning("reference run %s was trained on %r, poisoning %r", c.reference_run, run.config.dataset, train.name)
             heat, source = self._heatmap_of(run.model, train, device), f"reference run {c.reference_run}"
+            self._cache_heatmap(self.heatmap_cache_path(train), heat)
         else:
             heat, source = self._heatmap_of(self._train_reference(train, device), train, device), "trained f_0"
         if heat.shape != self.image_shape[1:]:
@@ -213,6 +227,33 @@ class FrequencyAttack(Attack):
             self.calibration["mean_l2"],
             c.delta_p,
         )
+
+    def heatmap_cache_path(self, train: ImageDataset) -> Path | None:
+        """Where the heatmap of ``reference_run`` is cached: ``REFERENCE_RUN/analysis/``, one file per
+        training set (name and size), image size, ``alpha``, ``heatmap_images`` and seed, so that
+        the points of a sweep over one reference run compute it once. ``None`` without a
+        reference run."""
+        c = self.config
+        if c.reference_run is None:
+            return None
+        _, h, w = self.image_shape
+        name = (
+            f"fourier_heatmap-{train.name}-n{len(train)}-{h}x{w}-alpha{c.alpha:g}-images{c.heatmap_images}"
+            f"-seed{c.seed}.safetensors"
+        )
+        return Path(c.reference_run) / "analysis" / name
+
+    @staticmethod
+    def _cache_heatmap(path: Path | None, heat: Tensor) -> None:
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_heatmap(path, heat)
+        except OSError as exc:  # a read-only reference run still works, only without the cache
+            log.warning("frequency: could not cache the heatmap in %s (%s)", path, exc)
+        else:
+            log.info("frequency: heatmap cached in %s", path)
 
     def _sample(self, train: ImageDataset, n: int, salt: int) -> Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
