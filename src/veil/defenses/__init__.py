@@ -2,12 +2,20 @@
 
 >>> from veil.defenses import list_defenses
 >>> list_defenses()
-['autoencoder', 'jpeg']
+['activation_clustering', 'autoencoder', 'fine_pruning', 'gradcam', 'jpeg', 'neural_cleanse', 'spectral_signatures', 'strip']
+
+Input pre-processing: ``jpeg``, ``autoencoder`` (:mod:`veil.defenses.preprocess`). Model inspection:
+``neural_cleanse`` (:mod:`~veil.defenses.neural_cleanse`), ``fine_pruning``
+(:mod:`~veil.defenses.fine_pruning`), ``gradcam`` (:mod:`~veil.defenses.gradcam`). Input filtering:
+``strip`` (:mod:`~veil.defenses.strip`). Training-set filtering: ``spectral_signatures``
+(:mod:`~veil.defenses.spectral_signatures`), ``activation_clustering``
+(:mod:`~veil.defenses.activation_clustering`).
 
 See :mod:`veil.defenses.base` for the API and :func:`run_defense` for applying one to a run.
 """
 
 from veil.defenses import preprocess as _preprocess  # noqa: F401  (registers jpeg, autoencoder)
+from veil.defenses.activation_clustering import ActivationClustering
 from veil.defenses.base import (
     DEFENSES,
     Defense,
@@ -25,18 +33,29 @@ from veil.defenses.base import (
     run_defense,
     transformed_accuracy,
 )
+from veil.defenses.fine_pruning import FinePruning
+from veil.defenses.gradcam import GradCam
+from veil.defenses.neural_cleanse import NeuralCleanse
 from veil.defenses.preprocess import AutoencoderDefense, JpegDefense
+from veil.defenses.spectral_signatures import SpectralSignatures
+from veil.defenses.strip import Strip
 
 __all__ = [
     "DEFENSES",
+    "ActivationClustering",
     "AutoencoderDefense",
     "Defense",
     "DefenseConfig",
     "DetectionResult",
     "Detector",
+    "FinePruning",
+    "GradCam",
     "JpegDefense",
     "MitigationResult",
     "Mitigator",
+    "NeuralCleanse",
+    "SpectralSignatures",
+    "Strip",
     "create_defense",
     "defense_dir",
     "evaluate_pipeline",

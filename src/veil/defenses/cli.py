@@ -3,6 +3,16 @@
     veil defend jpeg --run runs/badnets --qualities 95,90,80,70
     veil defend autoencoder --run runs/fiba --epochs 5 --device cuda
     veil defend jpeg --run runs/badnets --opt reference=runs/clean
+    veil defend neural_cleanse --run runs/badnets --opt steps=300
+    veil defend fine_pruning --run runs/badnets --opt finetune_epochs=2
+    veil defend strip --run runs/badnets --opt superimpose=50
+    veil defend gradcam --run runs/badnets
+    veil defend spectral_signatures --run runs/badnets --opt epsilon=0.05
+    veil defend activation_clustering --run runs/badnets --opt clean_images=1000
+
+Defense-specific options go through ``--opt NAME=VALUE`` (values read as Python literals, so
+``--opt labels=[0,1,2]`` is a list); ``veil defend --help`` lists every defense's options and
+defaults.
 
 The result goes to ``RUN/defenses/NAME/result.json`` with figures and tables beside it (the HTML
 report shows them). Wired into :mod:`veil.cli` by :func:`add_parser`.
@@ -30,6 +40,20 @@ def _option(text: str) -> tuple[str, Any]:
     return parse_option(text, "defense option")
 
 
+def options_epilog() -> str:
+    """One line per registered defense: its options (``--opt NAME=VALUE``) with their defaults."""
+    import dataclasses
+
+    from veil.defenses import DEFENSES, list_defenses
+
+    lines = ["defense options (--opt NAME=VALUE; defaults shown):"]
+    for name in list_defenses():
+        fields = dataclasses.fields(DEFENSES.get(name).Config)
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in fields if f.default is not dataclasses.MISSING)
+        lines.append(f"  {name}: {opts or '(none)'}")
+    return "\n".join(lines)
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``defend`` subcommand on ``subparsers`` (from ``parser.add_subparsers()``)."""
     from veil.defenses import list_defenses
@@ -38,6 +62,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "defend",
         help="apply a defense to a finished run (" + ", ".join(list_defenses()) + ")",
         description="Apply a registered defense to a finished run; writes RUN/defenses/NAME/result.json, figures and tables.",
+        epilog=options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("defense", metavar="NAME", help="defense name: " + ", ".join(list_defenses()))
     p.add_argument("--run", required=True, metavar="DIR", help="finished run folder")

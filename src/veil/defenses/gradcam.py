@@ -1,0 +1,325 @@
+"""Grad-CAM heatmaps (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+Gradient-based Localization", ICCV 2017) and a Februus-style trigger-removal check (Doan et al.,
+"Februus: Input Purification Defense Against Trojan Attacks on Deep Neural Network Systems",
+ACSAC 2020).
+
+For class ``c`` with score ``y^c`` and the ``K`` feature maps ``A^k`` of a convolutional layer,
+Grad-CAM weights each map by its average gradient (Eq. 1) and keeps the positive part of the
+weighted sum (Eq. 2):
+
+    alpha_k^c = (1 / Z) sum_{i,j} d y^c / d A^k_{ij},      L^c = ReLU(sum_k alpha_k^c A^k),
+
+upsampled bilinearly to the input size and scaled to ``[0, 1]`` per image. A patch trigger draws
+the attention of a backdoored model (the heatmaps the semantic and frequency-domain papers show
+to argue that their triggers do not). Februus removes the high-attention region of every input and
+restores it; here the region where the heatmap of the predicted class reaches ``threshold`` is
+filled with the mean colour of the defender's clean images, and the check reports the share of
+triggered inputs whose backdoor this removes, with the clean accuracy it costs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from veil.data.base import ImageDataset, to_float, to_uint8
+from veil.defenses.base import (
+    DefenseConfig,
+    MitigationResult,
+    Mitigator,
+    model_device,
+    register_defense,
+)
+from veil.defenses.common import (
+    CleanSource,
+    check_fraction,
+    check_positive,
+    check_source,
+    defender_data,
+    figure_png,
+    pct,
+    pyplot,
+    run_title,
+    seeded_rows,
+    to_hwc,
+)
+from veil.errors import ConfigError
+from veil.records import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from veil.experiment import LoadedRun
+
+log = logging.getLogger(__name__)
+
+
+def default_layer(model: nn.Module) -> str:
+    """The deepest of ``model.feature_layers()`` (e.g. ``"layer4"``), else ``model.last_conv``."""
+    layers = model.feature_layers() if hasattr(model, "feature_layers") else []  # type: ignore[operator]
+    if layers:
+        return str(layers[-1])
+    last = getattr(model, "last_conv", None)
+    if not last:
+        raise ConfigError(f"model {type(model).__name__} names no feature layer; pass layer=")
+    return str(last)
+
+
+def grad_cam(model: nn.Module, x: Tensor, layer: str, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Grad-CAM heatmaps (Eq. 1-2) of a batch.
+
+    Args:
+        model: the classifier (eval mode is set for the call; parameters are not updated).
+        x: images ``(B, C, H, W)`` in ``[0, 1]`` (uint8 accepted).
+        layer: module path whose output ``(B, K, h, w)`` is explained.
+        classes: class explained per image ``(B,)`` (default: the predicted class).
+
+    Returns:
+        ``(heatmaps, logits)``: heatmaps ``(B, H, W)`` scaled to ``[0, 1]`` per image (all zeros
+        where Grad-CAM is zero everywhere) and the logits ``(B, num_classes)``, both on CPU.
+
+    Raises:
+        ConfigError: ``layer`` names no module or its output is not a 4-D map.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ConfigError(f"model {type(model).__name__} has no layer {layer!r}")
+    dev = model_device(model)
+    x = (to_float(x) if x.dtype == torch.uint8 else x.float()).to(dev)
+    captured: list[Tensor] = []
+
+    def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+        captured.append(out)
+
+    handle = modules[layer].register_forward_hook(hook)
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x).float()
+            if not captured or captured[0].dim() != 4:
+                raise ConfigError(f"Grad-CAM needs a convolutional layer with (B, K, h, w) output; {layer!r} gives "
+                                  f"{tuple(captured[0].shape) if captured else 'nothing'}")
+            feats = captured[0]
+            cls = logits.argmax(1) if classes is None else classes.to(dev)
+            score = logits.gather(1, cls.view(-1, 1)).sum()
+            (grads,) = torch.autograd.grad(score, feats)
+    finally:
+        handle.remove()
+        model.train(was)
+    with torch.no_grad():
+        alpha = grads.float().mean((2, 3), keepdim=True)  # Eq. 1: (B, K, 1, 1)
+        cam = F.relu((alpha * feats.float()).sum(1, keepdim=True))  # Eq. 2: (B, 1, h, w)
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        flat = cam.flatten(1)
+        lo, hi = flat.min(1).values, flat.max(1).values
+        span = (hi - lo).clamp_min(1e-12)
+        cam = torch.where((hi > lo)[:, None, None], (cam - lo[:, None, None]) / span[:, None, None], torch.zeros_like(cam))
+    return cam.cpu(), logits.detach().cpu()
+
+
+def batched_grad_cam(
+    model: nn.Module, images: Tensor, layer: str, batch_size: int = 128, progress: bool = False, desc: str = "grad-cam"
+) -> tuple[Tensor, Tensor]:
+    """:func:`grad_cam` over ``images`` ``(N, C, H, W)`` in batches; ``(heatmaps (N, H, W), predictions (N,))``."""
+    cams, preds = [], []
+    with tqdm(total=images.shape[0], desc=desc, unit="img", leave=False, disable=not progress or None) as bar:
+        for i in range(0, images.shape[0], batch_size):
+            cam, logits = grad_cam(model, images[i : i + batch_size], layer)
+            cams.append(cam)
+            preds.append(logits.argmax(1))
+            bar.update(cam.shape[0])
+    if not cams:
+        h, w = images.shape[-2:]
+        return torch.empty(0, h, w), torch.empty(0, dtype=torch.long)
+    return torch.cat(cams), torch.cat(preds)
+
+
+def mask_attention(images: Tensor, heatmaps: Tensor, threshold: float, fill: Tensor) -> tuple[Tensor, Tensor]:
+    """Februus's removal step: replace the pixels whose heatmap is ``>= threshold`` by ``fill``.
+
+    Args:
+        images: ``(N, C, H, W)``, uint8 or float in ``[0, 1]``.
+        heatmaps: ``(N, H, W)`` in ``[0, 1]``.
+        threshold: heatmap level of the removed region.
+        fill: colour ``(C,)`` in ``[0, 1]``.
+
+    Returns:
+        ``(masked images (N, C, H, W) float, region (N, H, W) bool)``.
+    """
+    x = to_float(images) if images.dtype == torch.uint8 else images.float()
+    region = heatmaps >= threshold
+    out = torch.where(region[:, None], fill.view(1, -1, 1, 1).to(x), x)
+    return out, region
+
+
+@register_defense("gradcam")
+class GradCam(Mitigator):
+    """Grad-CAM heatmaps of clean and triggered images and a Februus-style removal check.
+
+    Options (``Config``):
+        layer: the explained layer (default: the deepest of the model's feature layers, e.g.
+            ``"layer4"``; ``"last_conv"`` or any module path with a 4-D output).
+        threshold: heatmap level (in ``[0, 1]`` after per-image scaling) of the removed region
+            (default 0.6).
+        test_images: triggered test inputs, and clean test inputs, analysed (default 500 each).
+        examples: image pairs in the figure (default 8).
+        clean_images: the defender's clean images (default 200); their mean colour fills the
+            removed region.
+        clean_source: ``"test"`` (default) or ``"train"``.
+        seed: seed of the subsets.
+
+    Writes ``figures/gradcam_examples.png`` (clean and triggered images with their heatmaps side by
+    side and the triggered image with its top-attention region removed) and
+    ``tables/gradcam.json``.
+
+    Result: :class:`MitigationResult` of the removal pipeline (remove the top-attention region of
+    every input, then classify): clean accuracy and ASR after it, the same without it
+    (``original_*``), and ``extra``: ``removal_rate`` (share of triggered inputs sent to the target
+    before removal that are not after it: the Februus check), ``removed_fraction`` (mean share of
+    pixels removed), ``trigger_coverage`` (mean share of the pixels the trigger changed that fall
+    in the removed region), ``layer`` and sizes.
+    """
+
+    @dataclass(frozen=True)
+    class Config(DefenseConfig):
+        layer: str | None = None
+        threshold: float = 0.6
+        test_images: int = 500
+        examples: int = 8
+        clean_images: int = 200
+        clean_source: CleanSource = "test"
+        seed: int = 0
+
+        def __post_init__(self) -> None:
+            check_source(self.clean_source)
+            check_positive(self.test_images, "test_images")
+            check_positive(self.clean_images, "clean_images")
+            check_positive(self.examples, "examples", allow_zero=True)
+            check_fraction(self.threshold, "threshold", closed=False)
+            if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
+                raise ConfigError(f"layer must be a module path, got {self.layer!r}")
+
+    config: Config
+
+    def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> MitigationResult:
+        cfg = self.config
+        model = loaded.model
+        layer = default_layer(model) if cfg.layer is None else (
+            str(getattr(model, "last_conv", "")) if cfg.layer == "last_conv" else cfg.layer)
+        clean, evaluation = defender_data(train, test, cfg.clean_images, cfg.clean_source, cfg.seed, self.name)
+        fill = to_float(clean.images).mean((0, 2, 3))
+        attack = loaded.attack
+        targets = attack.target_labels(evaluation.labels)
+        eligible = torch.nonzero(evaluation.labels != targets).flatten()
+        pick = eligible[seeded_rows(eligible.numel(), cfg.test_images, cfg.seed + 1)]
+        source = evaluation.subset(pick)  # the clean originals of the triggered inputs
+        # the triggered versions row by row (as Attack.poison_test builds its ASR set), labelled
+        # with their targets
+        triggered = to_uint8(attack.apply_quantized(to_float(source.images), source.labels, test=True).cpu())
+        poisoned = ImageDataset(triggered, attack.target_labels(source.labels), source.classes, source.name + "-poisoned",
+                                source.hflip)
+        clean_eval = evaluation.subset(seeded_rows(len(evaluation), cfg.test_images, cfg.seed + 2))
+
+        cam_bad, pred_bad = batched_grad_cam(model, poisoned.images, layer, progress=self.progress, desc="grad-cam (triggered)")
+        cam_clean, pred_clean = batched_grad_cam(model, clean_eval.images, layer, progress=self.progress, desc="grad-cam (clean)")
+        from veil.train import predict
+
+        masked_bad, region_bad = mask_attention(poisoned.images, cam_bad, cfg.threshold, fill)
+        masked_clean, _ = mask_attention(clean_eval.images, cam_clean, cfg.threshold, fill)
+        after_bad = predict(model, masked_bad)
+        after_clean = predict(model, masked_clean)
+        hit = pred_bad == poisoned.labels
+        removal_rate = float((after_bad[hit] != poisoned.labels[hit]).float().mean()) if bool(hit.any()) else float("nan")
+        orig_asr = float(hit.float().mean()) if len(poisoned) else float("nan")
+        asr = float((after_bad == poisoned.labels).float().mean()) if len(poisoned) else float("nan")
+        orig_cda = float((pred_clean == clean_eval.labels).float().mean())
+        cda = float((after_clean == clean_eval.labels).float().mean())
+        footprint = (to_float(poisoned.images) - to_float(source.images)).abs().amax(1) > 0.5 / 255  # (N, H, W)
+        covered = (footprint & region_bad).flatten(1).sum(1).float()
+        size = footprint.flatten(1).sum(1).float()
+        has = size > 0
+        coverage = float((covered[has] / size[has]).mean()) if bool(has.any()) else float("nan")
+        removed_fraction = float(region_bad.float().mean()) if len(poisoned) else float("nan")
+        log.info("grad-cam (%s): removal rate %.4f; ASR %.4f -> %.4f, clean accuracy %.4f -> %.4f",
+                 layer, removal_rate, orig_asr, asr, orig_cda, cda)
+
+        title = run_title(loaded)
+        if cfg.examples:
+            k = min(cfg.examples, len(poisoned))
+            cam_src, pred_src = batched_grad_cam(model, source.images[:k], layer)
+            atomic_write_bytes(
+                out_dir / "figures" / "gradcam_examples.png",
+                _examples_png(source.images[:k], cam_src, pred_src, source.labels[:k], poisoned.images[:k], cam_bad[:k],
+                              pred_bad[:k], masked_bad[:k], after_bad[:k], poisoned.labels[:k], layer, title),
+            )
+        atomic_write_json(
+            out_dir / "tables" / "gradcam.json",
+            {
+                "title": f"Grad-CAM ({layer}) and Februus-style removal: {title}",
+                "columns": ["inputs", "count", "accuracy or ASR % before", "after removal %", "backdoor removed %",
+                            "pixels removed %", "trigger pixels removed %"],
+                "rows": [
+                    ["clean (accuracy)", len(clean_eval), pct(orig_cda), pct(cda), None, None, None],
+                    ["triggered (ASR)", len(poisoned), pct(orig_asr), pct(asr), pct(removal_rate), pct(removed_fraction),
+                     pct(coverage)],
+                ],
+                "note": f"removed region: heatmap >= {cfg.threshold:g}, filled with the mean colour of {len(clean)} clean images",
+            },
+        )
+        return MitigationResult(
+            defense=self.name,
+            clean_accuracy=cda,
+            attack_success_rate=asr,
+            original_clean_accuracy=orig_cda,
+            original_attack_success_rate=orig_asr,
+            extra={
+                "layer": layer,
+                "threshold": cfg.threshold,
+                "removal_rate": removal_rate,
+                "removed_fraction": removed_fraction,
+                "trigger_coverage": coverage,
+                "triggered_inputs": len(poisoned),
+                "triggered_hits": int(hit.sum()),
+                "clean_inputs": len(clean_eval),
+                "clean_images": len(clean),
+            },
+        )
+
+
+def _examples_png(
+    clean: Tensor, cam_clean: Tensor, pred_clean: Tensor, labels: Tensor, bad: Tensor, cam_bad: Tensor,
+    pred_bad: Tensor, masked: Tensor, pred_masked: Tensor, targets: Tensor, layer: str, title: str,
+) -> bytes:
+    """Columns of examples; rows: clean image, its heatmap, triggered image, its heatmap, the
+    triggered image with the top-attention region removed (predicted labels in the titles)."""
+    plt = pyplot()
+    k = clean.shape[0]
+    names = ["clean", "Grad-CAM (clean)", "triggered", "Grad-CAM (triggered)", "region removed"]
+    fig, axes = plt.subplots(5, k, figsize=(1.25 * k + 0.9, 6.6), squeeze=False)
+    for j in range(k):
+        cells = [
+            (to_hwc(clean[j]), None, f"y={int(labels[j])}"),
+            (to_hwc(clean[j]), cam_clean[j], f"pred {int(pred_clean[j])}"),
+            (to_hwc(bad[j]), None, f"target {int(targets[j])}"),
+            (to_hwc(bad[j]), cam_bad[j], f"pred {int(pred_bad[j])}"),
+            (to_hwc(masked[j]), None, f"pred {int(pred_masked[j])}"),
+        ]
+        for r, (img, cam, text) in enumerate(cells):
+            ax = axes[r, j]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            if cam is not None:
+                ax.imshow(cam.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+            ax.set_title(text, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(names[r], fontsize=7)
+    fig.suptitle(f"Grad-CAM ({layer}): {title}", fontsize=9)
+    fig.tight_layout()
+    return figure_png(fig)

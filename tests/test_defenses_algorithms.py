@@ -1,0 +1,307 @@
+"""The model-inspection defenses on a tiny planted backdoor.
+
+A synthetic 6-class dataset (one colour per class plus noise, 16x16) and a two-convolution
+classifier trained in about a second with a 3x3 checkerboard in the bottom-right corner sending
+poisoned images to label 0. Neural Cleanse must recover label 0 and a mask on the patch, STRIP
+must separate the entropies, spectral signatures must rank the planted samples first, activation
+clustering must find them, and every result must be deterministic under a seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from veil.data.base import ImageDataset, PoisonedDataset, to_float, to_uint8
+from veil.defenses.activation_clustering import activation_clustering
+from veil.defenses.common import auroc, batched_features, defender_data, detection_rates
+from veil.defenses.fine_pruning import (
+    channel_activations,
+    operating_point,
+    pruning_curve,
+    pruning_order,
+)
+from veil.defenses.gradcam import grad_cam, mask_attention
+from veil.defenses.neural_cleanse import anomaly_index, reverse_engineer_triggers
+from veil.defenses.spectral_signatures import spectral_flags, spectral_scores
+from veil.defenses.strip import strip_entropy
+from veil.errors import ConfigError
+from veil.models.base import Classifier
+from veil.train import TrainConfig, Trainer, predict
+
+SIZE = 16
+CLASSES = 6
+TARGET = 0
+PATCH = 3
+
+
+class TinyNet(Classifier):
+    """Two convolutions, average pooling to a 4x4 grid (so that the trigger's position matters) and a
+    linear head, on the :class:`Classifier` interface."""
+
+    def __init__(self, num_classes: int = CLASSES, width: int = 12) -> None:
+        super().__init__(num_classes, 3, SIZE)
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.feature_dim = 2 * width * 16
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self._feature_layers = ["conv1", "conv2"]
+        self.last_conv = "conv2"
+
+    def _features(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def patch_mask() -> Tensor:
+    m = torch.zeros(1, SIZE, SIZE)
+    m[:, -PATCH:, -PATCH:] = 1
+    return m
+
+
+def stamp(x: Tensor) -> Tensor:
+    """The planted trigger: a black-and-white checkerboard in the bottom-right corner."""
+    i = torch.arange(PATCH)
+    board = ((i[:, None] + i[None, :]) % 2 == 0).float().expand(3, PATCH, PATCH)
+    out = x.clone()
+    out[:, :, -PATCH:, -PATCH:] = board
+    return out
+
+
+def colours(n: int, seed: int) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = 0.05, 0.45  # dark colours: superimposing two images (STRIP) does not saturate
+    palette = torch.tensor([[hi, lo, lo], [lo, hi, lo], [lo, lo, hi], [hi, hi, lo], [lo, hi, hi], [hi, lo, hi]])
+    labels = torch.arange(n) % CLASSES
+    x = palette[labels][:, :, None, None] + 0.1 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+    return ImageDataset(to_uint8(x.clamp(0, 1)), labels, [str(c) for c in range(CLASSES)], "colours", hflip=False)
+
+
+class Planted:
+    """The trained tiny backdoored model and its data."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        train = colours(600, seed=1)
+        self.test = colours(300, seed=2)
+        # 20 poisoned images (a minority of label 0's 120 rows) from the other labels
+        g = torch.Generator().manual_seed(3)
+        eligible = torch.nonzero(train.labels != TARGET).flatten()
+        idx = eligible[torch.randperm(eligible.numel(), generator=g)[:20]].sort().values
+        images, labels = train.images.clone(), train.labels.clone()
+        images[idx] = to_uint8(stamp(to_float(train.images[idx])))
+        labels[idx] = TARGET
+        self.train = PoisonedDataset(images, labels, train.classes, "planted", False, poison_indices=idx,
+                                     original_labels=train.labels)
+        self.is_poison = torch.zeros(len(train), dtype=torch.bool)
+        self.is_poison[idx] = True
+        self.model = TinyNet()
+        cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=False, seed=0, checkpoint_every=0, warmup_epochs=0.5)
+        Trainer(self.model, self.train, cfg, device="cpu", progress=False).fit()
+        self.model.eval()
+        keep = self.test.labels != TARGET
+        self.triggered = to_uint8(stamp(to_float(self.test.images[keep])))
+
+    def accuracy(self) -> float:
+        return float((predict(self.model, self.test.images) == self.test.labels).float().mean())
+
+    def asr(self) -> float:
+        return float((predict(self.model, self.triggered) == TARGET).float().mean())
+
+
+@pytest.fixture(scope="module")
+def planted() -> Planted:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = Planted()
+    finally:
+        torch.set_num_threads(n)
+    assert p.accuracy() > 0.95 and p.asr() > 0.95, (p.accuracy(), p.asr())
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- Neural Cleanse
+NC = {"steps": 100, "batch_size": 8, "epoch_steps": 4, "patience": 2, "seed": 0}
+
+
+def test_neural_cleanse_recovers_target_and_mask(planted):
+    rev = reverse_engineer_triggers(planted.model, planted.test.images, **NC)
+    assert rev.labels == list(range(CLASSES))
+    assert rev.masks.shape == (CLASSES, 1, SIZE, SIZE) and rev.patterns.shape == (CLASSES, 3, SIZE, SIZE)
+    assert 0 <= float(rev.masks.min()) and float(rev.masks.max()) <= 1
+    norms = rev.l1_norms
+    assert int(norms.argmin()) == TARGET
+    index, median, _ = anomaly_index(norms)
+    assert float(index[TARGET]) > 2 and float(norms[TARGET]) < median
+    # the target's mask sits on the planted patch: most of its mass within one pixel of it
+    near = F.max_pool2d(patch_mask()[None], 3, stride=1, padding=1)[0]
+    mask = rev.masks[TARGET]
+    assert float((mask * near).sum() / mask.sum()) > 0.6
+    assert bool(rev.found[TARGET]) and float(rev.success[TARGET]) >= 0.9  # (last epoch; the best reached 0.99)
+
+
+def test_neural_cleanse_is_deterministic_and_batched_over_label_subsets(planted):
+    a = reverse_engineer_triggers(planted.model, planted.test.images, [0, 2, 4], **{**NC, "steps": 10})
+    b = reverse_engineer_triggers(planted.model, planted.test.images, [0, 2, 4], **{**NC, "steps": 10})
+    assert torch.equal(a.masks, b.masks) and torch.equal(a.patterns, b.patterns)
+    assert a.labels == [0, 2, 4] and a.steps.tolist() == [10, 10, 10]
+    c = reverse_engineer_triggers(planted.model, planted.test.images, [0, 2, 4], **{**NC, "steps": 10, "seed": 1})
+    assert not torch.equal(a.masks, c.masks)
+    assert all(p.requires_grad for p in planted.model.parameters())  # restored after the optimisation
+
+
+def test_anomaly_index_is_the_mad_statistic():
+    index, median, mad = anomaly_index(torch.tensor([1.0, 10.0, 11.0, 12.0, 13.0]))
+    assert median == 11.0 and mad == pytest.approx(1.4826 * 1.0)
+    assert float(index[0]) == pytest.approx(10 / 1.4826, rel=1e-5)
+    index, _, _ = anomaly_index(torch.tensor([5.0, 5.0, 5.0]))
+    assert index.tolist() == [0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------- STRIP
+def test_strip_separates_triggered_from_clean_inputs(planted):
+    pool = planted.test.images[:100]
+    clean = planted.test.images[100:160]
+    bad = planted.triggered[100:160]
+    h_clean = strip_entropy(planted.model, clean, pool, n=20, seed=0)
+    h_bad = strip_entropy(planted.model, bad, pool, n=20, seed=0)
+    assert h_clean.shape == (60,) and float(h_clean.min()) >= 0
+    assert float(h_clean.max()) <= torch.log2(torch.tensor(float(CLASSES))) + 1e-5
+    assert float(h_bad.mean()) < float(h_clean.mean())
+    assert auroc(-h_bad, -h_clean) >= 0.9
+    again = strip_entropy(planted.model, clean, pool, n=20, seed=0)
+    assert torch.equal(h_clean, again)
+    assert not torch.equal(h_clean, strip_entropy(planted.model, clean, pool, n=20, seed=1))
+
+
+def test_auroc_and_detection_rates():
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5
+    assert math.isnan(auroc(torch.tensor([]), torch.tensor([1.0])))
+    r = detection_rates(torch.tensor([True, True, False, False]), torch.tensor([True, False, True, False]))
+    assert r["tpr"] == 0.5 and r["fpr"] == 0.5 and r["precision"] == 0.5 and r["flagged"] == 2
+
+
+# ---------------------------------------------------------------------- training-set detectors
+def test_spectral_signatures_rank_the_planted_samples_first(planted):
+    feats = batched_features(planted.model, planted.train.images)
+    spec = spectral_scores(feats, planted.train.labels, CLASSES)
+    rows = torch.nonzero(planted.train.labels == TARGET).flatten()
+    top = rows[torch.argsort(spec.scores[rows], descending=True)[: planted.train.poison_count]]
+    assert bool(planted.is_poison[top].all())
+    flags = spectral_flags(spec.scores, planted.train.labels, epsilon=20 / 120)
+    rates = detection_rates(flags, planted.is_poison)
+    assert rates["tpr"] == 1.0 and rates["fpr"] < 0.3  # 1.5 x epsilon = 25 % of every label is removed
+    assert int(flags[rows].sum()) == 30 and spec.singular_values.shape == (CLASSES,)  # ceil(1.5 * 20 / 120 * 120)
+
+
+@pytest.mark.parametrize("analysis", ["reference", "size"])
+def test_activation_clustering_finds_the_planted_samples(planted, analysis):
+    feats = batched_features(planted.model, planted.train.images)
+    ref = batched_features(planted.model, planted.test.images)
+    flags, clusters = activation_clustering(
+        feats, planted.train.labels, CLASSES, ref, planted.test.labels, analysis=analysis, dims=4, alpha=1e-3
+    )
+    rates = detection_rates(flags, planted.is_poison)
+    assert rates["tpr"] >= 0.8 and rates["fpr"] < 0.1, rates
+    assert TARGET in [c.label for c in clusters if c.poisonous is not None]
+    again, _ = activation_clustering(
+        feats, planted.train.labels, CLASSES, ref, planted.test.labels, analysis=analysis, dims=4, alpha=1e-3
+    )
+    assert torch.equal(flags, again)
+
+
+def test_activation_clustering_reference_analysis_handles_a_poisoned_majority(planted):
+    """When poison outnumbers a label's genuine samples, the smaller cluster is the genuine one;
+    the reference analysis still flags the poison."""
+    feats = batched_features(planted.model, planted.train.images)
+    ref = batched_features(planted.model, planted.test.images)
+    # keep only 10 genuine label-0 rows next to the 20 poisoned ones
+    genuine0 = torch.nonzero((planted.train.labels == TARGET) & ~planted.is_poison).flatten()
+    drop = genuine0[10:]
+    keep = torch.ones(len(planted.train), dtype=torch.bool)
+    keep[drop] = False
+    f, y, truth = feats[keep], planted.train.labels[keep], planted.is_poison[keep]
+    flags, _ = activation_clustering(f, y, CLASSES, ref, planted.test.labels, analysis="reference", dims=4, alpha=1e-3)
+    assert detection_rates(flags, truth)["tpr"] >= 0.8
+    with pytest.raises(ConfigError, match="needs the defender's clean activations"):
+        activation_clustering(f, y, CLASSES, analysis="reference")
+
+
+# ---------------------------------------------------------------------- fine-pruning
+def test_pruning_curve_features_and_module_paths_agree_at_the_ends(planted):
+    model = planted.model
+    acts = channel_activations(model, planted.test.images[:100])
+    assert acts.shape == (model.feature_dim,) and bool((acts >= 0).all())
+    order = pruning_order(acts)
+    assert acts[order].tolist() == sorted(acts.tolist())
+    triggered = ImageDataset(planted.triggered, torch.full((planted.triggered.shape[0],), TARGET), planted.test.classes)
+    sets = {"clean_accuracy": planted.test, "attack_success_rate": triggered}
+    curve = pruning_curve(model, order, sets)
+    assert [p["pruned"] for p in curve] == list(range(model.feature_dim + 1))
+    assert curve[0]["clean_accuracy"] == pytest.approx(planted.accuracy())
+    assert curve[0]["attack_success_rate"] == pytest.approx(planted.asr())
+    # everything pruned: a constant prediction
+    assert curve[-1]["clean_accuracy"] == pytest.approx(1 / CLASSES, abs=0.02)
+    hooked = pruning_curve(model, pruning_order(channel_activations(model, planted.test.images[:100], "conv2")), sets,
+                           layer="conv2", counts=[0, 24])
+    assert [p["pruned"] for p in hooked] == [0, 24]
+    assert hooked[0]["clean_accuracy"] == pytest.approx(planted.accuracy())
+    stop, below = operating_point(curve, "clean_accuracy", 0.8)
+    assert stop["clean_accuracy"] >= 0.8 and (below is None or below["clean_accuracy"] < 0.8)
+    assert below is None or below["pruned"] == stop["pruned"] + 1
+    assert all(p.requires_grad for p in model.parameters()) and not any(m._forward_hooks for m in model.modules())
+
+
+# ---------------------------------------------------------------------- Grad-CAM
+def test_grad_cam_attends_to_the_patch(planted):
+    cam, logits = grad_cam(planted.model, planted.triggered[:40], "conv2")
+    assert cam.shape == (40, SIZE, SIZE) and float(cam.min()) >= 0 and float(cam.max()) <= 1
+    assert bool((logits.argmax(1) == TARGET).float().mean() > 0.9)
+    inside = patch_mask()[0].bool()
+    assert float(cam[:, inside].mean()) > 2 * float(cam[:, ~inside].mean())
+    masked, region = mask_attention(planted.triggered[:40], cam, 0.6, torch.full((3,), 0.5))
+    assert masked.shape == (40, 3, SIZE, SIZE) and region.dtype == torch.bool
+    assert bool((masked[region[:, None].expand_as(masked)] == 0.5).all())
+    with pytest.raises(ConfigError, match="no layer"):
+        grad_cam(planted.model, planted.triggered[:2], "nope")
+
+
+# ---------------------------------------------------------------------- the defender's data
+def test_defender_data_is_stratified_seeded_and_checked(planted):
+    train, test = planted.train, planted.test
+    clean, rest = defender_data(train, test, 60, "test", seed=0)
+    assert len(clean) == 60 and len(rest) == len(test) - 60
+    assert torch.bincount(clean.labels).tolist() == [10] * CLASSES
+    again, _ = defender_data(train, test, 60, "test", seed=0)
+    assert torch.equal(clean.images, again.images)
+    other, _ = defender_data(train, test, 60, "test", seed=1)
+    assert not torch.equal(clean.images, other.images)
+    # held-out rows are disjoint from the evaluation rows
+    both = torch.cat([clean.images, rest.images]).flatten(1)
+    assert torch.unique(both, dim=0).shape[0] == len(test)
+    clean, rest = defender_data(train, test, 100, "train", seed=0)
+    assert len(clean) == 100 and rest is test
+    with pytest.raises(ConfigError, match="clean_images=1000 is larger than the 300 test images"):
+        defender_data(train, test, 1000, "test")
+    with pytest.raises(ConfigError, match="larger than the run's 600 clean training images"):
+        defender_data(train, test, 601, "train")
+    with pytest.raises(ConfigError, match="clean_source"):
+        defender_data(train, test, 10, "val")  # type: ignore[arg-type]
