@@ -38,8 +38,14 @@ def _fit_files(tmp_path_factory: pytest.TempPathFactory) -> None:
     FIT_OPTIONS["frequency"]["heatmap_path"] = str(path)
 
 
+#: options that keep an attack's networks tiny in the contract tests (the multinomial attack's U-Net
+#: generator has 31 M parameters at its default width 64)
+SMALL_OPTIONS: dict[str, dict[str, object]] = {"multinomial": {"width": 4, "levels": 2}}
+
+
 def make(name: str, **options: object) -> Attack:
     """The attack with defaults (and ``options``); fitted on synthetic data if it ``needs_fit``."""
+    options = {**SMALL_OPTIONS.get(name, {}), **options}
     if not ATTACKS.get(name).needs_fit:
         return create_attack(name, NUM_CLASSES, SHAPE, **options)
     attack = create_attack(name, NUM_CLASSES, SHAPE, **{**FIT_OPTIONS.get(name, {}), **options})

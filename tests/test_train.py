@@ -187,3 +187,16 @@ def test_odd_last_batch_at_small_width_trains_on_cpu():
     t = Trainer(model, data, TrainConfig(epochs=1, batch_size=16, checkpoint_every=0), device="cpu", progress=False)
     history = t.fit()
     assert len(history) == 1 and history[0]["loss"] == history[0]["loss"]
+
+
+def test_adam_optimizer_option():
+    """``optimizer="adam"`` (e.g. the multinomial paper's Adam at 1e-3) trains, resumably configured."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, optimizer="adam", checkpoint_every=0)
+    t = Trainer(TinyCNN(), separable(), cfg, device="cpu", progress=False)
+    assert isinstance(t.optimizer, torch.optim.Adam) and t.optimizer.param_groups[0]["weight_decay"] == 5e-4
+    history = t.fit()
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert isinstance(_trainer().optimizer, torch.optim.SGD)
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")

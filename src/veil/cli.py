@@ -51,13 +51,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=32, help="square image side (default 32)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="classifier optimiser (default sgd)")
     p.add_argument("--poison-rate", type=float, default=0.1, help="share of the training set poisoned, in (0, 1]")
     p.add_argument("--poison-count", type=int, default=None, help="absolute number of poisoned images (overrides --poison-rate)")
     p.add_argument("--target", type=int, default=0, help="target label")
     p.add_argument("--mode", default="all2one", choices=["all2one", "all2all"])
+    p.add_argument("--all-targets", action="store_true",
+                   help="poison towards every label at once (attacks with an all_targets option, e.g. multinomial)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attack-opt", action="append", type=_attack_option, default=[], metavar="NAME=VALUE",
                    help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6)")
@@ -91,10 +94,12 @@ def _run_config(args: argparse.Namespace) -> Any:
         lr=args.lr,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
+        optimizer=args.optimizer,
         poison_rate=args.poison_rate,
         poison_count=args.poison_count,
         target=args.target,
         mode=args.mode,
+        all_targets=args.all_targets,
         seed=args.seed,
         attack_options=dict(args.attack_opt),
         augment=args.augment,

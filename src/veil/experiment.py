@@ -49,11 +49,13 @@ class RunConfig:
         data_root: dataset folder (not needed for ``gtsrb_sample``).
         width: model base width (``None``: the architecture's default).
         image_size: square image side.
-        epochs, batch_size, lr, weight_decay, schedule: training (see :class:`TrainConfig`).
+        epochs, batch_size, lr, weight_decay, schedule, optimizer: training (see :class:`TrainConfig`).
         poison_rate: share of the training set poisoned, in (0, 1].
         poison_count: absolute poisoned count (overrides ``poison_rate``).
         target: target label.
         mode: ``all2one`` or ``all2all``.
+        all_targets: poison towards every label at once (attacks with an ``all_targets`` option,
+            e.g. ``multinomial``); the attack's ASR set then covers every label.
         seed: seed of everything random in the run.
         attack_options: attack-specific options (see each attack's ``Config``).
         augment: extra training augmentation of the (poisoned) training images, e.g. ``jpeg``,
@@ -80,10 +82,12 @@ class RunConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    optimizer: str = "sgd"
     poison_rate: float = 0.1
     poison_count: int | None = None
     target: int = 0
     mode: str = "all2one"
+    all_targets: bool = False
     seed: int = 0
     attack_options: dict[str, Any] = field(default_factory=dict)
     augment: str | None = None
@@ -114,7 +118,7 @@ class RunConfig:
         for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
-        TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule=self.schedule)
+        TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule=self.schedule, optimizer=self.optimizer)
         if self.augment:
             from veil.augment import parse_augment
 
@@ -221,28 +225,15 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     train, test = _load_data(config)
     data_seconds = time.perf_counter() - t0
-    attack: Attack = create_attack(
-        config.attack,
-        train.num_classes,
-        train.image_shape,
-        target=config.target,
-        mode=config.mode,
-        poison_rate=config.poison_rate,
-        poison_count=config.poison_count,
-        seed=config.seed,
-        **config.attack_options,
-    )
+    attack = _create_attack(config, train.num_classes, train.image_shape)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=train.num_classes, image_size=config.image_size, width=config.width)
 
     t0 = time.perf_counter()
     attack.fit(train, device=device)
-    poisoned = attack.poison(train)
+    poisoned = attack.training_set(train)
     fit_seconds = time.perf_counter() - t0
-    for name, png in attack.figures().items():
-        rec.atomic_write_bytes(record.path("figures") / name, png)
-    for name, table in attack.tables().items():
-        rec.atomic_write_json(record.path("tables") / f"{name}.json", table)
+    _write_attack_outputs(record, attack)
     record.write_json(
         rec.POISON_INDICES,
         {"poison": poisoned.poison_indices.tolist(), "extra": poisoned.extra_indices.tolist(), "train_size": len(train)},
@@ -307,6 +298,8 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     poison_x = attack.apply_quantized(clean_x, test.labels[rows]).cpu()
     lpips_model, lpips_note = _lpips_model(config, torch.device("cpu"))
     stealth = stealth_metrics(clean_x, poison_x, lpips_model=lpips_model)
+    attack_metrics = attack.evaluate(model, test)
+    _write_attack_outputs(record, attack)
     eval_seconds = time.perf_counter() - t0
 
     # record the trigger, weights and a sample grid
@@ -332,6 +325,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         "asr_test_size": len(poisoned_test),
         "stealth": stealth,
         "stealth_samples": int(rows.numel()),
+        **({"attack_metrics": attack_metrics} if attack_metrics else {}),
         "timings": {
             "data_seconds": data_seconds,
             "attack_fit_seconds": fit_seconds,
@@ -349,6 +343,33 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         "%s: clean accuracy %.4f, attack success rate %.4f -> %s", config.attack, clean_acc, asr, record.root
     )
     return metrics
+
+
+def _create_attack(config: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> Attack:
+    """The run's attack; ``all_targets`` is passed only when set (attacks without the option
+    then refuse it)."""
+    options = dict(config.attack_options)
+    if config.all_targets:
+        options["all_targets"] = True
+    return create_attack(
+        config.attack,
+        num_classes,
+        image_shape,
+        target=config.target,
+        mode=config.mode,
+        poison_rate=config.poison_rate,
+        poison_count=config.poison_count,
+        seed=config.seed,
+        **options,
+    )
+
+
+def _write_attack_outputs(record: rec.RunRecord, attack: Attack) -> None:
+    """The attack's figures and tables into ``RUN/figures`` and ``RUN/tables``."""
+    for name, png in attack.figures().items():
+        rec.atomic_write_bytes(record.path("figures") / name, png)
+    for name, table in attack.tables().items():
+        rec.atomic_write_json(record.path("tables") / f"{name}.json", table)
 
 
 def _asr(model: torch.nn.Module, poisoned_test: ImageDataset) -> float:
@@ -414,16 +435,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         raise RecordError(f"{record.path(rec.MODEL)} does not match model {config.model!r} ({exc})") from exc
     model.to(dev).eval()
     in_channels = int(getattr(model, "in_channels", 3))
-    attack = create_attack(
-        config.attack,
-        num_classes,
-        (in_channels, config.image_size, config.image_size),
-        target=config.target,
-        mode=config.mode,
-        poison_rate=config.poison_rate,
-        poison_count=config.poison_count,
-        seed=config.seed,
-        **config.attack_options,
-    )
+    attack = _create_attack(config, num_classes, (in_channels, config.image_size, config.image_size))
     attack.load_state_dict(record.attack_state())
     return LoadedRun(record=record, config=config, model=model, attack=attack)

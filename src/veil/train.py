@@ -1,8 +1,8 @@
 """The one trainer every attack and defense uses.
 
 * CPU or GPU; automatic mixed precision (bfloat16 autocast) on CUDA.
-* SGD with momentum and Nesterov, weight decay, and a per-step schedule (linear warm-up then cosine
-  decay by default; ``step`` and ``constant`` also available).
+* SGD with momentum and Nesterov (or Adam), weight decay, and a per-step schedule (linear warm-up
+  then cosine decay by default; ``step`` and ``constant`` also available).
 * Data are uint8 tensors kept on the training device; each batch is converted to float and
   augmented as tensor operations (:class:`veil.data.augment.BatchAugment`).
 * A progress bar per epoch; an evaluation callback (clean accuracy, attack success rate) after every
@@ -44,8 +44,10 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training set.
         batch_size: images per step.
-        lr: peak learning rate of SGD.
+        lr: peak learning rate.
         momentum: SGD momentum (Nesterov).
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"`` (e.g. the multinomial backdoor
+            paper's Adam at 1e-3; ``weight_decay`` is Adam's L2 term).
         weight_decay: L2 weight decay.
         schedule: ``"cosine"`` (linear warm-up over ``warmup_epochs`` then cosine to 0),
             ``"step"`` (x0.1 at 50 % and 75 % of training) or ``"constant"``.
@@ -67,6 +69,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    optimizer: str = "sgd"
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.0
     augment: bool = True
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; known: cosine, constant, step")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: adam, sgd")
 
 
 @dataclass
@@ -247,13 +252,17 @@ class Trainer:
         for h in self.hooks:
             for m in h.modules():
                 m.to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=config.momentum > 0,
-        )
+        self.optimizer: torch.optim.Optimizer
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(),
+                lr=config.lr,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                nesterov=config.momentum > 0,
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, self.steps_per_epoch))
         self.use_amp = config.amp and self.device.type == "cuda"
         self.history: list[dict[str, Any]] = []

@@ -10,6 +10,7 @@ sig         Barni et al. 2019, sinusoidal signal                     clean
 wanet       Nguyen & Tran, ICLR 2021, warping                        dirty
 fiba        Feng et al., CVPR 2022, amplitude-spectrum injection     dirty
 frequency   Hammoud & Ghanem 2021, top-k heatmap frequencies         dirty
+multinomial Zhong et al., IJCAI 2022, multinomial {-1,0,1} trigger   dirty
 ==========  ======================================================  ============
 
 Example:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from veil.attacks import badnets, blend, fiba, none, sig, wanet  # noqa: F401  (register)
 from veil.attacks import frequency  # noqa: F401  (register)
+from veil.attacks import multinomial  # noqa: F401  (register)
 from veil.attacks.base import ATTACKS, Attack, AttackConfig, create_attack, list_attacks, register_attack
 
 __all__ = ["ATTACKS", "Attack", "AttackConfig", "create_attack", "list_attacks", "register_attack"]

@@ -164,6 +164,12 @@ class Attack:
         """A hook that changes training (extra losses, generators, clipping), or ``None``."""
         return None
 
+    def evaluate(self, model: torch.nn.Module, test: ImageDataset) -> dict[str, Any]:
+        """Attack-specific measurements of the trained model on the clean test set (JSON-ready),
+        after training; the run stores them as ``metrics["attack_metrics"]`` and writes
+        :meth:`tables` and :meth:`figures` again afterwards, so those may show them."""
+        return {}
+
     def target_labels(self, y: Tensor) -> Tensor:
         """The label each poisoned input should be classified as."""
         if self.config.mode == "all2all":
@@ -247,6 +253,12 @@ class Attack:
             poison_indices=idx,
             original_labels=dataset.labels.clone(),
         )
+
+    def training_set(self, dataset: ImageDataset) -> PoisonedDataset:
+        """The training set the trainer gets: :meth:`poison` for attacks that poison data before
+        training; attacks with ``static_poison = False`` return the clean images with the rows
+        their training hook poisons on the fly as ``poison_indices``."""
+        return self.poison(dataset)
 
     def poison_test(self, dataset: ImageDataset) -> ImageDataset:
         """The attack-success-rate test set: every test image whose true label differs from its
