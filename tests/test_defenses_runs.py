@@ -147,6 +147,13 @@ def test_neural_cleanse_is_deterministic_under_its_seed(runs, tmp_path):
     assert c.extra["l1_norms"] != a.extra["l1_norms"]
 
 
+def test_gradcam_explains_clean_images_with_a_reference_model(runs, tmp_path):
+    r = run_defense("gradcam", runs["badnets"], out_dir=tmp_path, progress=False, **{**TINY["gradcam"], "examples": 2},
+                    reference=str(runs["none"]))
+    assert r.extra["reference_run"] == str(runs["none"])
+    assert (tmp_path / "figures" / "gradcam_examples.png").read_bytes().startswith(PNG)
+
+
 def _cli(args, capsys):
     code = main(["-q", *args])
     out, err = capsys.readouterr()

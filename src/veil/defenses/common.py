@@ -300,3 +300,25 @@ def poisoned_training_set(
         rows = seeded_rows(len(poisoned), n, seed)
     data = ImageDataset(poisoned.images[rows], poisoned.labels[rows], poisoned.classes, poisoned.name, poisoned.hflip)
     return data, truth[rows], rows
+
+
+def reference_model(loaded: LoadedRun, path: str) -> nn.Module:
+    """The classifier of a clean reference run (attack ``none``) trained on the same data as
+    ``loaded``, on the same device.
+
+    Raises:
+        ConfigError: the reference was trained on another dataset or image size.
+        RecordError, CheckpointError: the folder holds no finished run or no weights.
+    """
+    from veil.experiment import load_run
+
+    ref = load_run(path, device=model_device(loaded.model))
+    a, b = ref.config, loaded.config
+    if (a.dataset, a.image_size) != (b.dataset, b.image_size):
+        raise ConfigError(
+            f"reference run {path} was trained on {a.dataset} at {a.image_size}px, the defended run on "
+            f"{b.dataset} at {b.image_size}px"
+        )
+    if a.attack != "none":
+        log.warning("reference run %s was trained with attack %r, not as a clean reference", path, a.attack)
+    return ref.model

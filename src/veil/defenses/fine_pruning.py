@@ -259,8 +259,9 @@ class FinePruning(Mitigator):
     Result: :class:`MitigationResult` at the stopping point (after fine-tuning when enabled), with
     the whole ``curve`` (``pruned``, ``fraction``, ``clean_accuracy``, ``attack_success_rate``,
     ``validation_accuracy``) and ``extra`` (``layer``, ``channels``, ``pruned``,
-    ``pruned_fraction``, ``pruned_only`` and ``first_below_threshold`` points, ``finetuned``,
-    ``order``, sizes).
+    ``pruned_fraction``, ``pruned_only`` and ``first_below_threshold`` points, ``test_rule`` (the
+    same two points when the rule reads the test accuracy instead of the defender's validation
+    accuracy), ``finetuned``, ``order``, sizes).
     """
 
     @dataclass(frozen=True)
@@ -307,6 +308,8 @@ class FinePruning(Mitigator):
         log.info("fine-pruning: %d channels of %s, %d clean images, %d test images", channels, layer, len(clean), len(evaluation))
         curve = pruning_curve(model, order, sets, layer, counts, progress=self.progress)
         stop, below = operating_point(curve, "validation_accuracy", cfg.accuracy_threshold)
+        # the same rule read on the test curve, as the papers' figures report it
+        test_stop, test_below = operating_point(curve, "clean_accuracy", cfg.accuracy_threshold)
         if curve[0]["validation_accuracy"] < cfg.accuracy_threshold:
             log.warning(
                 "fine-pruning: the unpruned model's validation accuracy %.3f is already below the threshold %.2f; "
@@ -366,6 +369,7 @@ class FinePruning(Mitigator):
                 "accuracy_threshold": cfg.accuracy_threshold,
                 "pruned_only": stop,
                 "first_below_threshold": below,
+                "test_rule": {"stop": test_stop, "first_below_threshold": test_below},
                 "finetuned": finetuned,
                 "order": order.tolist(),
                 "clean_images": len(clean),
@@ -406,13 +410,13 @@ def _curve_png(
     """Clean accuracy and attack success rate against the number of pruned channels."""
     plt = pyplot()
     x = [p["pruned"] for p in curve]
-    fig, ax = plt.subplots(figsize=(5.6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.4, 3.5))
     ax.plot(x, [100 * p["clean_accuracy"] for p in curve], color="C0", label="clean accuracy (test)")
     ax.plot(x, [100 * p["attack_success_rate"] for p in curve], color="C3", label="attack success rate")
     ax.plot(x, [100 * p["validation_accuracy"] for p in curve], color="C0", ls=":", lw=1, label="validation accuracy (defender)")
     ax.axhline(100 * threshold, color="grey", ls="--", lw=0.8, label=f"threshold {100 * threshold:g} %")
     ax.axvline(stop["pruned"], color="k", lw=0.8, alpha=0.6)
-    ax.annotate(f"stop: {stop['pruned']}", (stop["pruned"], 4), fontsize=7, ha="right")
+    ax.annotate(f" stop: {stop['pruned']}", (stop["pruned"], 95), fontsize=7, ha="left")
     if finetuned is not None:
         ax.scatter([stop["pruned"]], [100 * finetuned["clean_accuracy"]], marker="o", color="C0", zorder=3, label="fine-tuned CDA")
         ax.scatter([stop["pruned"]], [100 * finetuned["attack_success_rate"]], marker="s", color="C3", zorder=3, label="fine-tuned ASR")
@@ -421,6 +425,6 @@ def _curve_png(
     ax.set_ylim(-2, 102)
     ax.set_title(f"Fine-pruning: {title}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return figure_png(fig)

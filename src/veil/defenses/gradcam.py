@@ -46,6 +46,7 @@ from veil.defenses.common import (
     figure_png,
     pct,
     pyplot,
+    reference_model,
     run_title,
     seeded_rows,
     to_hwc,
@@ -171,6 +172,9 @@ class GradCam(Mitigator):
         examples: image pairs in the figure (default 8).
         clean_images: the defender's clean images (default 200); their mean colour fills the
             removed region.
+        reference: optional folder of a clean reference run on the same data; the figure then
+            shows the clean images' heatmaps under the clean model, as the frequency-domain paper's
+            Figure 4 does (default: the defended model explains both).
         clean_source: ``"test"`` (default) or ``"train"``.
         seed: seed of the subsets.
 
@@ -194,6 +198,7 @@ class GradCam(Mitigator):
         examples: int = 8
         clean_images: int = 200
         clean_source: CleanSource = "test"
+        reference: str | None = None
         seed: int = 0
 
         def __post_init__(self) -> None:
@@ -252,11 +257,17 @@ class GradCam(Mitigator):
         title = run_title(loaded)
         if cfg.examples:
             k = min(cfg.examples, len(poisoned))
-            cam_src, pred_src = batched_grad_cam(model, source.images[:k], layer)
+            explainer, explainer_layer = model, layer
+            if cfg.reference:
+                explainer = reference_model(loaded, cfg.reference)
+                explainer_layer = layer if cfg.layer is not None else default_layer(explainer)
+            ex = torch.linspace(0, len(poisoned) - 1, k).round().long().unique()  # spread over the labels
+            cam_src, pred_src = batched_grad_cam(explainer, source.images[ex], explainer_layer)
             atomic_write_bytes(
                 out_dir / "figures" / "gradcam_examples.png",
-                _examples_png(source.images[:k], cam_src, pred_src, source.labels[:k], poisoned.images[:k], cam_bad[:k],
-                              pred_bad[:k], masked_bad[:k], after_bad[:k], poisoned.labels[:k], layer, title),
+                _examples_png(source.images[ex], cam_src, pred_src, source.labels[ex], poisoned.images[ex], cam_bad[ex],
+                              pred_bad[ex], masked_bad[ex], after_bad[ex], poisoned.labels[ex], layer, title,
+                              reference=bool(cfg.reference)),
             )
         atomic_write_json(
             out_dir / "tables" / "gradcam.json",
@@ -288,6 +299,7 @@ class GradCam(Mitigator):
                 "triggered_hits": int(hit.sum()),
                 "clean_inputs": len(clean_eval),
                 "clean_images": len(clean),
+                "reference_run": cfg.reference,
             },
         )
 
@@ -295,12 +307,14 @@ class GradCam(Mitigator):
 def _examples_png(
     clean: Tensor, cam_clean: Tensor, pred_clean: Tensor, labels: Tensor, bad: Tensor, cam_bad: Tensor,
     pred_bad: Tensor, masked: Tensor, pred_masked: Tensor, targets: Tensor, layer: str, title: str,
+    reference: bool = False,
 ) -> bytes:
     """Columns of examples; rows: clean image, its heatmap, triggered image, its heatmap, the
     triggered image with the top-attention region removed (predicted labels in the titles)."""
     plt = pyplot()
     k = clean.shape[0]
-    names = ["clean", "Grad-CAM (clean)", "triggered", "Grad-CAM (triggered)", "region removed"]
+    names = ["clean", "Grad-CAM (clean model)" if reference else "Grad-CAM (clean)", "triggered", "Grad-CAM (triggered)",
+             "region removed"]
     fig, axes = plt.subplots(5, k, figsize=(1.25 * k + 0.9, 6.6), squeeze=False)
     for j in range(k):
         cells = [

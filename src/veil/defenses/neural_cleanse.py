@@ -558,7 +558,12 @@ def _norms_png(
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1.2]})
     x = list(range(len(labels)))
-    ax.bar(x, norms.tolist(), color=_bar_colours(labels, flagged, targets))
+    bars = ax.bar(x, norms.tolist(), color=_bar_colours(labels, flagged, targets))
+    for bar, k in zip(bars, labels):
+        if targets and k in targets:  # a flagged target stays red, outlined in the target colour
+            bar.set_edgecolor("C1")
+            bar.set_linewidth(1.5)
+            bar.set_hatch("//")
     ax.axhline(median, color="k", lw=0.8, ls="--", label=f"median {median:.1f}")
     ax.set_xticks(x)
     ax.set_xticklabels([str(k) for k in labels], fontsize=6 if len(labels) > 20 else 8, rotation=90 if len(labels) > 20 else 0)
