@@ -277,7 +277,10 @@ class MultinomialAttack(Attack):
             x: images ``(B, C, H, W)`` in ``[0, 1]``.
             targets: target label per row ``(B,)`` or one ``int``; ignored (may be ``None``) with
                 one target.
-            noise_seed: seed of the uniform noise (default: the state's ``noise_seed``).
+            noise_seed: seed of the uniform noise (default: the state's ``noise_seed``). The
+                noise matrix depends only on the seed and the batch shape ("attackers use a
+                random matrix to sample", section 3.5), so the same image in the same batch
+                position always gets the same trigger.
 
         Returns:
             ``clamp(x + t / 255, 0, 1)`` with ``t`` in ``{-1, 0, 1}``, on ``x``'s device.
