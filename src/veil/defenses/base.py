@@ -178,7 +178,10 @@ class DetectionResult:
             text += f"  score {self.score:.4f}" + (f" (threshold {self.threshold:.4f})" if self.threshold is not None else "")
         if self.flagged:
             shown = ", ".join(str(v) for v in self.flagged[:10]) + (", ..." if len(self.flagged) > 10 else "")
-            text += f"  flagged {shown}"
+            text += f"  flagged {shown}" if len(self.flagged) <= 10 else f"  flagged {len(self.flagged)}: {shown}"
+        known = [(k, self.metrics[k]) for k in ("tpr", "fpr", "frr", "far", "auroc") if k in self.metrics]
+        if known:
+            text += "  " + " ".join(f"{k.upper()} {v:.4f}" for k, v in known)
         return text
 
 
