@@ -15,7 +15,7 @@ that three-outcome (multinomial) distribution:
   through a differentiable sampler during training.
 * :func:`samplenet_imitation_error`: how closely a SampleNet imitates equation (1).
 
-Run ``python -m veil.triggers.multinomial`` to train a SampleNet and print its imitation error.
+Run ``python scripts/measure_samplenet.py`` to train a SampleNet and print its imitation error.
 
 Example:
     >>> p_plus, p_minus = torch.full((1, 3, 4, 4), 0.1), torch.full((1, 3, 4, 4), 0.2)
@@ -236,10 +236,3 @@ def samplenet_imitation_error(
         "expectation_error": float((mean_soft - (gp - gm).reshape(-1)).abs().max()),
     }
 
-
-if __name__ == "__main__":  # pragma: no cover - a measuring script
-    t0 = time.perf_counter()
-    trained = train_samplenet()
-    print(
-        f"SampleNet trained in {time.perf_counter() - t0:.1f}s: {samplenet_imitation_error(trained)}"
-    )
