@@ -447,7 +447,59 @@ def test_evaluation_feature_distance_and_per_label_asr() -> None:
     assert multi.figures()["multinomial_per_label_asr.png"][:4] == b"\x89PNG"
 
 
+class _AlwaysTarget(torch.nn.Module):
+    """A 'victim' that answers label 1 for every image, trigger or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 4, device=x.device) + self.w
+        logits[:, 1] = 1.0
+        return logits
+
+
+def test_clean_target_rate_exposes_an_unearned_attack_success_rate() -> None:
+    """A model that answers the target for every image has ASR 1 without learning any trigger;
+    ``clean_target_rate`` (the same rows without the trigger) is then 1 too."""
+    ds = data(64)
+    one = attack(target=1)
+    r = one.evaluate(_AlwaysTarget(), ds)
+    assert r["clean_target_rate"] == 1.0 and r["asr_images"] == int((ds.labels != 1).sum())
+    assert "feature_distance" not in r  # no penultimate features to compare
+    model = create_model("preact_resnet18", num_classes=4, width=2, image_size=SIZE, seed=0).eval()
+    r = one.evaluate(model, ds)
+    assert 0.0 <= r["clean_target_rate"] <= 1.0
+
+
 # ------------------------------------------------------------------------------------ the run
+
+
+def test_run_passes_the_optimizer_and_trains_without_autocast(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``--optimizer adam`` reaches the trainer (the paper's Adam), and the one-grey-level attack
+    turns bfloat16 autocast off (a grey level is about one bfloat16 step of a normalised input)."""
+    import veil.experiment as ex
+    from veil.experiment import RunConfig, run_experiment
+
+    seen = []
+    real = ex.Trainer
+
+    def spy(model, data, config, *a, **k):  # type: ignore[no-untyped-def]
+        seen.append(config)
+        return real(model, data, config, *a, **k)
+
+    monkeypatch.setattr(ex, "Trainer", spy)
+    common: dict[str, object] = {
+        "dataset": "gtsrb_sample", "model": "preact_resnet18", "width": 4, "epochs": 1,
+        "image_size": 16, "train_subset": 86, "test_subset": 43, "stealth_samples": 8,
+        "batch_size": 32, "device": "cpu", "progress": False, "optimizer": "adam", "lr": 1e-3,
+    }
+    run_experiment(RunConfig(attack="multinomial", attack_options={"width": 2, "levels": 3},
+                             poison_rate=0.2, out=str(tmp_path / "m"), **common))
+    run_experiment(RunConfig(attack="badnets", poison_rate=0.1, out=str(tmp_path / "b"), **common))
+    assert [c.optimizer for c in seen] == ["adam", "adam"]
+    assert [c.amp for c in seen] == [False, True]
 
 
 def test_run_records_the_generator_and_the_paper_metrics(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -240,12 +240,13 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     )
 
     static_test = attack.poison_test(test) if attack.static_poison else None
+    amp = not attack.full_precision
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         pt = static_test if static_test is not None else attack.poison_test(test)
         return {
-            "clean_accuracy": accuracy(predict(m, test.images), test.labels),
-            "attack_success_rate": _asr(m, pt),
+            "clean_accuracy": accuracy(predict(m, test.images, amp=amp), test.labels),
+            "attack_success_rate": _asr(m, pt, amp),
         }
 
     train_cfg = TrainConfig(
@@ -254,8 +255,10 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         lr=config.lr,
         weight_decay=config.weight_decay,
         schedule=config.schedule,
+        optimizer=config.optimizer,
         seed=config.seed,
         augment=config.base_augment,
+        amp=amp,
     )
     hooks = [h for h in [attack.training_hook()] if h is not None]
     if config.augment:
@@ -372,12 +375,12 @@ def _write_attack_outputs(record: rec.RunRecord, attack: Attack) -> None:
         rec.atomic_write_json(record.path("tables") / f"{name}.json", table)
 
 
-def _asr(model: torch.nn.Module, poisoned_test: ImageDataset) -> float:
+def _asr(model: torch.nn.Module, poisoned_test: ImageDataset, amp: bool = True) -> float:
     """Share of the attack-success-rate set (test images whose true label differs from their
     target, already poisoned and relabelled by :meth:`Attack.poison_test`) classified as the target."""
     if len(poisoned_test) == 0:
         return float("nan")
-    return accuracy(predict(model, poisoned_test.images), poisoned_test.labels)
+    return accuracy(predict(model, poisoned_test.images, amp=amp), poisoned_test.labels)
 
 
 @dataclass

@@ -461,8 +461,15 @@ class Trainer:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str | torch.device | None = None) -> Tensor:
-    """Predicted labels for uint8 (or float [0, 1]) images, in batches, in eval mode."""
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+) -> Tensor:
+    """Predicted labels for uint8 (or float [0, 1]) images, in batches, in eval mode (bfloat16
+    autocast on CUDA unless ``amp`` is False)."""
     dev = next(model.parameters()).device if device is None else torch.device(device)
     was_training = model.training
     model.eval()
@@ -472,7 +479,7 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str
         xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
         if xb.dim() == 4 and dev.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
             preds.append(model(xb).argmax(1).cpu())
     model.train(was_training)
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)

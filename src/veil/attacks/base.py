@@ -85,6 +85,9 @@ class Attack:
     #: attacks whose trigger is learned by :meth:`fit` (e.g. from a reference model) and cannot
     #: :meth:`apply` before it (or before :meth:`load_state_dict`) set this True
     needs_fit: ClassVar[bool] = False
+    #: attacks whose trigger lives below bfloat16's resolution (one grey level) set this True:
+    #: ``veil run`` then trains without bfloat16 autocast on CUDA
+    full_precision: ClassVar[bool] = False
 
     def __init__(self, config: AttackConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         if not isinstance(config, self.Config):

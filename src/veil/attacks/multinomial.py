@@ -30,6 +30,16 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
   attack success rate (Figure 3) and the feature-space distance between malicious images and the
   clean target-class images (section 3.4; ``alpha=0`` is the ablation of section 4.4).
 
+* **Scale** (measured, see ``scripts/probe_trigger_learnability.py``): a one-grey-level change
+  stands out only where the image is locally flat. GTSRB resized to 128x128 (the paper) is
+  smooth (median 2,935 of 47,628 interior sub-pixels per image have four neighbours of exactly
+  their value); at 32x32 it is not (median 6-9 of 2,700). At 32x32 even a *fixed* +-1 pattern
+  takes a victim thousands of steps to learn: a 50 % checkerboard pattern was learned after
+  about 6 epochs of an 8,000-image subset, a 2 % one not in 15. Until the victim detects the
+  trigger, the malicious copies are label noise towards the target, and the co-training settles
+  at "answer the target about half the time" (``clean_target_rate`` in :meth:`evaluate` exposes
+  it). The paper trains 110 epochs at batch 16 (about 270,000 steps); expect to need a GPU.
+
 Example:
     >>> from veil.attacks import create_attack
     >>> attack = create_attack("multinomial", 43, (3, 32, 32), target=0, width=16, poison_rate=1.0)
@@ -138,6 +148,8 @@ class MultinomialAttack(Attack):
 
     Config = MultinomialConfig
     static_poison: ClassVar[bool] = False
+    # a one-grey-level change is about one bfloat16 step of a normalised input: no autocast
+    full_precision: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -405,6 +417,8 @@ class MultinomialAttack(Attack):
             malicious images and the mean feature of the clean test images of their target label;
             ``feature_spread_target``: the same for the clean target-class images themselves;
             ``feature_distance_clean_sources``: the same for the malicious images' clean sources.
+            ``clean_target_rate``: share of the ASR set's clean images (no trigger) already
+            classified as their target; an attack success rate far above it is the trigger's.
         """
         from veil.metrics import (
             l1,
@@ -427,9 +441,15 @@ class MultinomialAttack(Attack):
             "linf": int(linf(clean, mal).max()) if rows.numel() else 0,
             "histogram": modification_histogram(clean, mal),
         }
-        preds = predict(model, poisoned.images, device=dev)
+        preds = predict(model, poisoned.images, device=dev, amp=False)
         per_label = per_label_success_rate(
             preds, targets, test.labels[rows], self.num_classes
+        )
+        # the same rows without the trigger: a model that answers the target for clean images
+        # too has a high attack success rate that the trigger did not earn
+        clean_preds = predict(model, test.images[rows], device=dev, amp=False)
+        out["clean_target_rate"] = (
+            float((clean_preds == targets).float().mean()) if rows.numel() else 0.0
         )
         if self.num_maps > 1:
             out["per_label_asr"] = [
@@ -484,6 +504,7 @@ class MultinomialAttack(Attack):
                         "l1_grey_levels",
                         "modified_fraction",
                         "linf",
+                        "clean_target_rate",
                         "feature_distance",
                         "feature_spread_target",
                         "feature_distance_clean_sources",
