@@ -34,11 +34,15 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
   stands out only where the image is locally flat. GTSRB resized to 128x128 (the paper) is
   smooth (median 2,935 of 47,628 interior sub-pixels per image have four neighbours of exactly
   their value); at 32x32 it is not (median 6-9 of 2,700). At 32x32 even a *fixed* +-1 pattern
-  takes a victim thousands of steps to learn: a 50 % checkerboard pattern was learned after
-  about 6 epochs of an 8,000-image subset, a 2 % one not in 15. Until the victim detects the
-  trigger, the malicious copies are label noise towards the target, and the co-training settles
-  at "answer the target about half the time" (``clean_target_rate`` in :meth:`evaluate` exposes
-  it). The paper trains 110 epochs at batch 16 (about 270,000 steps); expect to need a GPU.
+  takes a victim hundreds of steps to learn: a 50 % checkerboard pattern was learned in the 7th
+  epoch of an 8,000-image subset (about 440 steps), a 2 % one not in 15 epochs. Until the victim
+  detects the trigger, the malicious copies are label noise towards the target; with the
+  paper's ``beta`` schedule squeezed into a few epochs the generator then shrinks the trigger
+  to nothing and the co-training settles at "answer the target about half the time"
+  (``clean_target_rate`` in :meth:`evaluate` exposes it). With ``beta=0`` the co-trained
+  trigger (dense) is being learned at 32x32 after 6 epochs of 8,000 images, and at 128x128 it
+  is learned in 2 epochs of 2,000. The paper trains 110 epochs at batch 16 (about 270,000
+  steps); at 32x32 expect to need a GPU.
 
 Example:
     >>> from veil.attacks import create_attack
