@@ -240,6 +240,7 @@ def test_config_errors() -> None:
     for bad in (
         {"alpha": -1.0},
         {"beta": float("nan")},
+        {"beta_max": -1.0},
         {"lr": 0.0},
         {"width": 0},
         {"entanglement": "l3"},
@@ -283,6 +284,15 @@ def test_beta_doubles_on_the_schedule_scaled_to_the_epoch_budget() -> None:
     assert h2.beta_at(
         t, Batch(torch.zeros(0), torch.zeros(0), torch.zeros(0), step=3, epoch=1)
     ) == pytest.approx(0.2)  # type: ignore[attr-defined]
+    capped = trainer(attack(poison_rate=1.0, beta_max=0.5), data(), epochs=11).hooks[0]
+    capped_betas = [
+        capped.beta_at(  # type: ignore[attr-defined]
+            t, Batch(torch.zeros(0), torch.zeros(0), torch.zeros(0), step=s, epoch=0)
+        )
+        for s in range(33)
+    ]
+    assert capped_betas[:18] == pytest.approx(betas[:18])  # 0.1, 0.2, 0.4 unchanged
+    assert capped_betas[18:] == pytest.approx([0.5] * 15)  # 0.8 .. 3.2 held at the cap
 
 
 def _one_batch(

@@ -354,3 +354,31 @@ def test_edited_sweep_file_does_not_reuse_stale_runs(tmp_path, monkeypatch, caps
     spec["base"] = {**TINY, "device": "auto"}
     write_yaml(tmp_path, spec)
     assert [p.status for p in sw.run_sweep(sw.load_sweep(path), progress=False).points] == ["skipped"] * 4
+
+
+def test_attack_metrics_are_table_columns(tmp_path):
+    spec = grid_spec(
+        grid={"attack": ["badnets"], "poison_rate": [0.1, 0.2]},
+        table={"rows": "poison_rate", "columns": [], "metrics": ["attack_success_rate", "attack_metrics.feature_distance"]},
+    )
+    sweep = sw.load_sweep(write_yaml(tmp_path, spec))
+    names = [name for name, _ in sweep.points()]
+    metrics = {
+        names[0]: {"attack_success_rate": 0.5, "attack_metrics": {"feature_distance": 9.3406}},
+        names[1]: {"attack_success_rate": 0.25},  # an attack without that figure: a dash
+    }
+    table = sw.sweep_table(sweep, metrics)
+    assert table["columns"] == ["poison_rate", "ASR %", "feature_distance"]
+    assert table["rows"] == [["0.1", "50.00", "9.341"], ["0.2", "25.00", sw.DASH]]
+    for bad in ("attack_metrics.", "attack_metric.feature_distance"):
+        spec["table"]["metrics"] = [bad]
+        with pytest.raises(ConfigError, match="unknown metric"):
+            sw.load_sweep(write_yaml(tmp_path, spec))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_sweep_files_load(path):
+    """The shipped example sweeps parse and validate (points, options, table) without training."""
+    sweep = sw.load_sweep(path)
+    points = sweep.points()
+    assert len(points) >= 2 and len({name for name, _ in points}) == len(points)

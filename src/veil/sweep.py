@@ -140,6 +140,17 @@ METRICS: dict[str, tuple[str, str]] = {
     "timings.total_seconds": ("total s", ".0f"),
 }
 DEFAULT_METRICS = ("clean_accuracy", "attack_success_rate")
+#: prefix of the attack-specific figures (``metrics.json``'s ``attack_metrics``), e.g.
+#: ``attack_metrics.feature_distance``; any name under it is accepted in a table
+ATTACK_METRICS_PREFIX = "attack_metrics."
+
+
+def metric_spec(name: str) -> tuple[str, str]:
+    """(column label, format) of a table metric: :data:`METRICS`, or for
+    ``attack_metrics.NAME`` the label ``NAME`` and 4 significant digits."""
+    if name in METRICS:
+        return METRICS[name]
+    return (name[len(ATTACK_METRICS_PREFIX) :], ".4g")
 #: legend lines under a table for metrics whose label is an abbreviation
 _LEGEND = {
     "clean_accuracy": "CDA: clean data accuracy on the test set",
@@ -494,8 +505,10 @@ def _parse_table(raw: Any) -> TableSpec:
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
         raise ConfigError(f"table: 'metrics' must be a non-empty list of metric names; known: {', '.join(METRICS)}")
     for m in metrics:
-        if m not in METRICS:
-            raise ConfigError(f"table: unknown metric {m!r}; known: {', '.join(METRICS)}")
+        if m not in METRICS and not (m.startswith(ATTACK_METRICS_PREFIX) and len(m) > len(ATTACK_METRICS_PREFIX)):
+            raise ConfigError(
+                f"table: unknown metric {m!r}; known: {', '.join(METRICS)}, attack_metrics.NAME"
+            )
     title = raw.get("title")
     if title is not None and not isinstance(title, str):
         raise ConfigError("table: 'title' must be a string")
@@ -693,7 +706,7 @@ def format_metric(name: str, value: Any) -> str:
         return DASH if value is None else str(value)
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return DASH
-    kind = METRICS.get(name, ("", ".4g"))[1]
+    kind = metric_spec(name)[1]
     if kind == "percent":
         return f"{100.0 * value:.2f}"
     if kind == "int":
@@ -755,7 +768,7 @@ def sweep_table(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, Any] |
             return _label(g[0])
         return ", ".join(f"{k}={_label(x)}" for k, x in zip(spec.columns, g))
 
-    metric_labels = [METRICS[m][0] for m in spec.metrics]
+    metric_labels = [metric_spec(m)[0] for m in spec.metrics]
     row_label = spec.rows
     columns = [row_label]
     header: list[list[list[Any]]] = []
@@ -792,7 +805,7 @@ def sweep_table(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, Any] |
         "note": "; ".join(
             [f"{finished} of {len(names)} points finished"]
             + [_LEGEND[m] for m in spec.metrics if m in _LEGEND]
-            + (["columns marked % in percent"] if any(METRICS[m][1] == "percent" for m in spec.metrics) else [])
+            + (["columns marked % in percent"] if any(metric_spec(m)[1] == "percent" for m in spec.metrics) else [])
             + [f"run folders under {sweep.out}"]
         ),
         "points": points,
