@@ -151,6 +151,8 @@ def metric_spec(name: str) -> tuple[str, str]:
     if name in METRICS:
         return METRICS[name]
     return (name[len(ATTACK_METRICS_PREFIX) :], ".4g")
+
+
 #: legend lines under a table for metrics whose label is an abbreviation
 _LEGEND = {
     "clean_accuracy": "CDA: clean data accuracy on the test set",

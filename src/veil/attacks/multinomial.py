@@ -52,8 +52,8 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
   target class, since the victim barely tells them from triggered ones. The changed share follows
   ``beta``: doubled every 0.6 epochs and held at 3.2, the same run ends at 6.5 % with ASR 0.994
   and clean accuracy 0.951; a ``beta`` 8 times higher from the start (0.0125, cosine rate) shrank
-  the trigger before it was learned (ASR 0.42 after 2 epochs, no backdoor). The paper's schedule squeezed into 5 epochs gave no
-  backdoor either. The paper trains 110 epochs at batch 16 (about 270,000 steps).
+  the trigger before it was learned (ASR 0.42 after 2 epochs, no backdoor). The paper's
+  schedule squeezed into 5 epochs gave no backdoor either. The paper trains 110 epochs at batch 16 (about 270,000 steps).
 
 Example:
     >>> from veil.attacks import create_attack
@@ -677,8 +677,9 @@ class MultinomialHook(TrainHook):
         epoch), ``period = beta_period * epochs / beta_reference_epochs`` (or ``beta_period``
         when ``beta_reference_epochs`` is 0), capped at ``beta_max`` when that is positive."""
         c = self.attack.config
+        cap = c.beta_max if c.beta_max > 0 else math.inf
         if c.beta_period <= 0:
-            return min(c.beta, c.beta_max) if c.beta_max > 0 else c.beta
+            return min(c.beta, cap)
         period = c.beta_period * (
             trainer.config.epochs / c.beta_reference_epochs
             if c.beta_reference_epochs > 0
@@ -686,8 +687,7 @@ class MultinomialHook(TrainHook):
         )
         step = trainer.global_step if batch is None else batch.step
         e = step / trainer.steps_per_epoch
-        beta = c.beta * 2.0 ** math.floor(e / period + 1e-9)
-        return min(beta, c.beta_max) if c.beta_max > 0 else beta
+        return min(c.beta * 2.0 ** math.floor(e / period + 1e-9), cap)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if trainer.step_in_epoch > 0 and self.f_benign is not None:
