@@ -126,8 +126,13 @@ def test_interrupted_run_resumes_and_corrupted_checkpoint_is_reported(tmp_path, 
     saved = ckpt.read_bytes()
     ckpt.write_bytes(saved[: len(saved) // 3])
     assert "corrupted or truncated" in error_line(base_run(tmp_path, "blend"), capsys)
-    # the intact checkpoint resumes to the same result as an uninterrupted run
+    # the intact checkpoint resumes to the same result as an uninterrupted run, also when the
+    # run was recorded before a configuration field existed (it compares as its default)
     ckpt.write_bytes(saved)
+    config_path = tmp_path / "run" / "config.json"
+    recorded = json.loads(config_path.read_text())
+    assert recorded.pop("anneal_fraction") == 0.25
+    config_path.write_text(json.dumps(recorded))
     assert run_cli(base_run(tmp_path, "blend"), capsys)[0] == 0
     resumed = RunRecord(tmp_path / "run").metrics()
     args = base_run(tmp_path, "blend")

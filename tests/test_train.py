@@ -175,6 +175,29 @@ def test_train_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ConfigError, match="schedule"):
         TrainConfig(schedule="linear")
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="anneal fraction"):
+            TrainConfig(schedule="anneal", anneal_fraction=bad)
+
+
+def test_anneal_schedule_is_flat_then_cosine_to_zero():
+    """``anneal``: the full rate until the last ``anneal_fraction`` of the steps, then a cosine that
+    reaches 0 at the last step (half the rate half-way through the decay)."""
+    from veil.train import _lr_lambda
+
+    f = _lr_lambda(TrainConfig(epochs=8, schedule="anneal", anneal_fraction=0.25), 100)
+    assert all(f(s) == 1.0 for s in range(0, 601))
+    decay = [f(s) for s in range(600, 801)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert f(700) == pytest.approx(0.5) and f(800) == pytest.approx(0.0, abs=1e-12)
+    g = _lr_lambda(TrainConfig(epochs=4, schedule="anneal", anneal_fraction=1.0), 10)
+    assert g(0) == 1.0 and g(20) == pytest.approx(0.5) and g(39) < 0.01
+    # through the trainer: the rate it reports falls in the last epoch only
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-3, optimizer="adam", schedule="anneal", checkpoint_every=0)
+    history = Trainer(TinyCNN(), separable(), cfg, device="cpu", progress=False).fit()
+    assert [h["lr"] for h in history[:3]] == [1e-3] * 3
+    assert history[3]["lr"] < 1e-4
 
 
 def test_odd_last_batch_at_small_width_trains_on_cpu():

@@ -53,7 +53,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant", "anneal"],
+                   help="learning-rate schedule; anneal: constant, then cosine to 0 over the last --anneal-fraction")
+    p.add_argument("--anneal-fraction", type=float, default=0.25,
+                   help="share of the steps, at the end, over which --schedule anneal decays (default 0.25)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="classifier optimiser (default sgd)")
     p.add_argument("--poison-rate", type=float, default=0.1, help="share of the training set poisoned, in (0, 1]")
     p.add_argument("--poison-count", type=int, default=None, help="absolute number of poisoned images (overrides --poison-rate)")
@@ -94,6 +97,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         lr=args.lr,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
+        anneal_fraction=args.anneal_fraction,
         optimizer=args.optimizer,
         poison_rate=args.poison_rate,
         poison_count=args.poison_count,

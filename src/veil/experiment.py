@@ -49,7 +49,8 @@ class RunConfig:
         data_root: dataset folder (not needed for ``gtsrb_sample``).
         width: model base width (``None``: the architecture's default).
         image_size: square image side.
-        epochs, batch_size, lr, weight_decay, schedule, optimizer: training (see :class:`TrainConfig`).
+        epochs, batch_size, lr, weight_decay, schedule, anneal_fraction, optimizer: training (see
+            :class:`TrainConfig`).
         poison_rate: share of the training set poisoned, in (0, 1].
         poison_count: absolute poisoned count (overrides ``poison_rate``).
         target: target label.
@@ -82,6 +83,7 @@ class RunConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    anneal_fraction: float = 0.25
     optimizer: str = "sgd"
     poison_rate: float = 0.1
     poison_count: int | None = None
@@ -118,7 +120,14 @@ class RunConfig:
         for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
-        TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule=self.schedule, optimizer=self.optimizer)
+        TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            schedule=self.schedule,
+            anneal_fraction=self.anneal_fraction,
+            optimizer=self.optimizer,
+        )
         if self.augment:
             from veil.augment import parse_augment
 
@@ -168,7 +177,11 @@ def _prepare_folder(config: RunConfig) -> rec.RunRecord:
         for sub in ("figures", "tables", "defenses", "analysis"):
             shutil.rmtree(record.path(sub), ignore_errors=True)
     elif record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
-        old = {k: v for k, v in record.config().items() if k not in _RESUME_IGNORED}
+        # a field added since the unfinished run was recorded compares as its default
+        defaults = json_roundtrip(
+            {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+        )
+        old = {k: v for k, v in {**defaults, **record.config()}.items() if k not in _RESUME_IGNORED}
         new = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k not in _RESUME_IGNORED}
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -255,6 +268,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         lr=config.lr,
         weight_decay=config.weight_decay,
         schedule=config.schedule,
+        anneal_fraction=config.anneal_fraction,
         optimizer=config.optimizer,
         seed=config.seed,
         augment=config.base_augment,
