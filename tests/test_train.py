@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -186,9 +188,9 @@ def test_anneal_schedule_is_flat_then_cosine_to_zero():
     from veil.train import _lr_lambda
 
     f = _lr_lambda(TrainConfig(epochs=8, schedule="anneal", anneal_fraction=0.25), 100)
-    assert all(f(s) == 1.0 for s in range(0, 601))
+    assert all(f(s) == 1.0 for s in range(601))
     decay = [f(s) for s in range(600, 801)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in itertools.pairwise(decay))
     assert f(700) == pytest.approx(0.5) and f(800) == pytest.approx(0.0, abs=1e-12)
     g = _lr_lambda(TrainConfig(epochs=4, schedule="anneal", anneal_fraction=1.0), 10)
     assert g(0) == 1.0 and g(20) == pytest.approx(0.5) and g(39) < 0.01
