@@ -61,11 +61,12 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
 * **All targets**: at initialisation every label's map is the same noise, so copying each image
   towards a few random labels teaches nothing (``targets_per_image=2``: per-label ASR 0.05 after
   690 steps); copying it towards every label (the default, as the authors' code does) lets the
-  triggers separate. On the 10-class GTSRB subset at 32x32 (``beta=0``, batch 32, constant Adam rate)
-  the mean per-label ASR was 0.55, 0.73, 0.78, 0.80, 0.84 after each of 5 epochs, every label but
-  one between 0.81 and 0.95. When the labels separate is fragile: the same 4,000-image run
-  reached 0.64 after 3 epochs on one thread and 0.07 on two: the two runs' malicious losses after
-  epoch 1 agree to three digits (2.46), and only the floating-point summation order differs.
+  triggers separate. On the 10-class GTSRB subset at 32x32 (``beta=0``, batch 32, constant
+  Adam rate) the mean per-label ASR was 0.55, 0.73, 0.78, 0.80, 0.84 after each of 5 epochs,
+  every label but one between 0.81 and 0.95. When the labels separate is fragile: the same
+  4,000-image run reached 0.64 after 3 epochs on one thread and 0.07 on two. The two runs'
+  malicious losses after epoch 1 agree to three digits (2.46); only the floating-point
+  summation order differs.
 
 Example:
     >>> from veil.attacks import create_attack
