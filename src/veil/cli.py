@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from veil.errors import VeilError
+from veil.train import SCHEDULES
 
 log = logging.getLogger("veil")
 
@@ -53,7 +54,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant", "anneal"],
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES,
                    help="learning-rate schedule; anneal: constant, then cosine to 0 over the last --anneal-fraction")
     p.add_argument("--anneal-fraction", type=float, default=0.25,
                    help="share of the steps, at the end, over which --schedule anneal decays (default 0.25)")
