@@ -145,6 +145,42 @@ def test_interrupted_run_resumes_and_corrupted_checkpoint_is_reported(tmp_path, 
     assert len(hist) == 1
 
 
+def test_init_from_starts_where_a_finished_run_ended(tmp_path, capsys, monkeypatch):
+    import veil.train as train_mod
+
+    assert run_cli(base_run(tmp_path, "blend"), capsys)[0] == 0
+    source = RunRecord(tmp_path / "run")
+    started: list[dict[str, torch.Tensor]] = []
+    original = train_mod.Trainer.fit
+
+    def spy_fit(self):
+        started.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return original(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", spy_fit)
+    args = base_run(tmp_path, "blend", "--init-from", str(tmp_path / "run"))
+    args[args.index("--out") + 1] = str(tmp_path / "more")
+    assert run_cli(args, capsys)[0] == 0
+    trained = source.model_state()
+    assert all(torch.equal(started[0][k], trained[k]) for k in trained)
+    more = RunRecord(tmp_path / "more")
+    assert more.config()["init_from"] == str(tmp_path / "run")
+    assert any(not torch.equal(more.model_state()[k], trained[k]) for k in trained)
+    # another model, an unfinished folder, or the run's own folder: one clear line each, and
+    # the finished run in --out is kept even with --overwrite
+    before = (tmp_path / "more" / "metrics.json").read_bytes()
+    other = [*args, "--overwrite"]
+    other[other.index("--width") + 1] = "4"
+    assert "width: 8 there, 4 here" in error_line(other, capsys)
+    missing = [*args, "--overwrite"]
+    missing[missing.index("--init-from") + 1] = str(tmp_path / "nothing")
+    assert "nothing" in error_line(missing, capsys)
+    own = [*args, "--overwrite"]
+    own[own.index("--init-from") + 1] = str(tmp_path / "more")
+    assert "own output folder" in error_line(own, capsys)
+    assert (tmp_path / "more" / "metrics.json").read_bytes() == before
+
+
 def test_corrupted_weights_file_is_named(tmp_path, capsys):
     from veil.errors import CheckpointError
     from veil.records import load_tensors

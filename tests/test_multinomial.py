@@ -247,6 +247,8 @@ def test_config_errors() -> None:
         {"num_loss": "x"},
         {"cls_weighting": "x"},
         {"targets_per_image": 9},
+        {"settle_fraction": 1.0},
+        {"settle_fraction": -0.1},
         {"all_targets": True, "mode": "all2all"},
     ):
         with pytest.raises(ConfigError):
@@ -432,6 +434,55 @@ def test_cotraining_is_deterministic_and_resumable(tmp_path) -> None:  # type: i
         t1.model.state_dict().items(), t3.model.state_dict().values()
     ):
         assert torch.equal(v1, v3), k
+
+
+def test_settle_phase_freezes_the_generator_and_trains_on_the_exact_trigger() -> None:
+    """``settle_fraction=0.5`` of 2 epochs (3 steps each): steps 0-2 co-train with SampleNet's
+    soft sample, steps 3-5 give the classifier exact, 8-bit, one-grey-level triggers from the
+    frozen generator, which then ends as it was after step 3."""
+
+    def run(stop: int | None = None) -> tuple[MultinomialAttack, Trainer]:
+        a = attack(poison_rate=1.0, settle_fraction=0.5, seed=3)
+        a.fit(data())
+        t = trainer(a, data(), epochs=2, seed=3)
+        t.stop_after_steps = stop
+        try:
+            t.fit()
+        except KeyboardInterrupt:
+            pass
+        return a, t
+
+    a_full, t_full = run()
+    a_cut, t_cut = run(stop=3)
+    for (k, v1), v2 in zip(a_full.state_dict().items(), a_cut.state_dict().values()):
+        assert torch.equal(v1, v2), k
+    assert any(
+        not torch.equal(v, w)
+        for v, w in zip(t_full.model.state_dict().values(), t_cut.model.state_dict().values())
+    ), "the classifier keeps training"
+    assert t_full.history[-1]["multinomial_beta"] == 0.0  # no L_num while settling
+    # the malicious copies: soft before the settle phase, exact one-grey-level steps within it
+    a = attack(poison_rate=1.0, settle_fraction=0.5)
+    t = trainer(a, data(), epochs=2)
+    hook = t.hooks[0]
+    assert isinstance(hook, MultinomialHook)
+    hook.setup(t)
+    hook.on_epoch_start(t, 0)
+    assert [hook.settling(t, Batch(x=None, y=None, index=None, step=s, epoch=0)) for s in range(6)] == [  # type: ignore[arg-type]
+        False, False, False, True, True, True
+    ]
+    idx = torch.arange(16)
+    for step, exact in ((0, False), (3, True)):
+        b = hook.transform_batch(
+            t, Batch(x=to_float(t.images[idx]), y=t.labels[idx], index=idx, step=step, epoch=0)
+        )
+        src = idx[t.labels[idx] != 0]
+        delta = b.x[16:] * 255 - t.images[src].float()
+        on_grid = torch.allclose(delta, delta.round(), atol=1e-3)
+        assert on_grid == exact
+        assert delta.abs().max() <= 1 + 1e-3
+        if exact:
+            assert not b.x.requires_grad and (delta.round() != 0).any()
 
 
 def test_evaluation_feature_distance_and_per_label_asr() -> None:

@@ -79,6 +79,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the dataset and the LPIPS backbone if missing (needs a network)")
     p.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default $VEIL_CACHE or ~/.cache/veil)")
     p.add_argument("--lpips-weights", default=None, help="folder holding alexnet_imagenet_features.pth (or set $VEIL_WEIGHTS)")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the classifier and attack weights of the finished run RUN "
+                        "(same attack, dataset, model, width and image size) to train it further")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
 
@@ -116,6 +119,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         download=args.download,
         cache_dir=args.cache_dir,
         lpips_weights=args.lpips_weights,
+        init_from=args.init_from,
         overwrite=args.overwrite,
     )
 

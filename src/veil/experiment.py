@@ -69,6 +69,10 @@ class RunConfig:
         stealth_samples: test images the stealth metrics are averaged over.
         device: ``auto``, ``cpu`` or ``cuda``.
         lpips_weights: folder with ``alexnet_imagenet_features.pth`` for offline LPIPS.
+        init_from: a finished run whose classifier and attack weights (trigger generator) this
+            run starts from instead of a fresh initialisation, to train a finished run further
+            (optimiser state and schedule start afresh). Its attack, dataset, model, width and
+            image size must be this run's.
     """
 
     attack: str
@@ -101,6 +105,7 @@ class RunConfig:
     download: bool = False
     cache_dir: str | None = None
     lpips_weights: str | None = None
+    init_from: str | None = None
     overwrite: bool = False
     progress: bool = True
 
@@ -231,6 +236,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     config.validate()
     device = resolve_device(config.device)
+    init = _init_source(config)
     record = _prepare_folder(config)
     record.write_json(rec.CONFIG, config.to_dict())
     record.write_json(rec.ENVIRONMENT, environment(device))
@@ -244,6 +250,8 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     attack.fit(train, device=device)
+    if init is not None:
+        _init_from_run(init, model, attack)
     poisoned = attack.training_set(train)
     fit_seconds = time.perf_counter() - t0
     _write_attack_outputs(record, attack)
@@ -360,6 +368,51 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         "%s: clean accuracy %.4f, attack success rate %.4f -> %s", config.attack, clean_acc, asr, record.root
     )
     return metrics
+
+
+#: fields a run started with ``init_from`` shares with the run it starts from
+_INIT_MATCH = ("attack", "dataset", "model", "width", "image_size", "all_targets", "mode")
+
+
+def _init_source(config: RunConfig) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """The finished run ``config.init_from`` names: its folder, classifier and attack weights.
+    Checked and read before the output folder is touched, so a bad ``init_from`` loses nothing.
+
+    Raises:
+        RecordError: the folder holds no finished run, is this run's output folder, or holds
+            a run of another attack, dataset or model.
+        CheckpointError: its weights are missing, truncated or corrupted.
+    """
+    if not config.init_from:
+        return None
+    src = rec.RunRecord(config.init_from).require()
+    if src.root.resolve() == Path(config.out).resolve():
+        raise RecordError(f"init_from {src.root} is this run's own output folder")
+    old = {**{f.name: f.default for f in dataclasses.fields(RunConfig)}, **src.config()}
+    new = config.to_dict()
+    diff = [k for k in _INIT_MATCH if old.get(k) != new.get(k)]
+    if diff:
+        raise RecordError(
+            f"init_from {src.root} is a different run ("
+            + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in diff)
+            + ")"
+        )
+    attack_state = src.attack_state() if src.path(rec.ATTACK).is_file() else {}
+    return src.root, src.model_state(), attack_state
+
+
+def _init_from_run(
+    source: tuple[Path, dict[str, Any], dict[str, Any]], model: torch.nn.Module, attack: Attack
+) -> None:
+    """Load :func:`_init_source`'s weights into ``model`` and ``attack``."""
+    root, state, attack_state = source
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RecordError(f"{root / rec.MODEL} does not fit this run's model ({exc})") from exc
+    if attack_state:
+        attack.load_state_dict(attack_state)
+    log.info("initialised the classifier%s from %s", " and the attack" if attack_state else "", root)
 
 
 def _create_attack(config: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> Attack:

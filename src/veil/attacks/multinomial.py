@@ -142,6 +142,13 @@ class MultinomialConfig(AttackConfig):
         samplenet_steps: training steps of SampleNet (:class:`veil.triggers.multinomial.SampleNetSpec`).
         asr_images_per_label: with ``all_targets``, test images per target label (drawn with
             the seed among those of other labels) in the attack-success-rate set.
+        settle_fraction: share of the training steps, at the end, in which the generator is
+            frozen (eval mode, no more steps) and the malicious copies carry the exact trigger of
+            equation (1), quantised to 8 bits, that the evaluation and the written poisoned set
+            use; only the classifier learns, on ``CE + alpha * L_etg`` (``L_num`` has nothing left
+            to train). ``0`` (the paper): co-training to the last step. Not in the paper: a
+            CPU-scale budget ends while the trigger is still shrinking, and the classifier's last
+            steps then chase a moving, SampleNet-approximated trigger.
     """
 
     alpha: float = 0.3
@@ -159,6 +166,7 @@ class MultinomialConfig(AttackConfig):
     cls_weighting: Literal["per_set", "per_image"] = "per_set"
     samplenet_steps: int = 2000
     asr_images_per_label: int = 300
+    settle_fraction: float = 0.0
 
 
 @register_attack("multinomial")
@@ -232,6 +240,12 @@ class MultinomialAttack(Attack):
                 )
         if not c.lr > 0:
             raise ConfigError(f"multinomial lr must be positive, got {c.lr}")
+        if not (
+            isinstance(c.settle_fraction, (int, float)) and 0 <= c.settle_fraction < 1
+        ):
+            raise ConfigError(
+                f"multinomial settle_fraction must be in [0, 1), got {c.settle_fraction!r}"
+            )
         for name in ("width", "levels", "samplenet_steps", "asr_images_per_label"):
             v = getattr(c, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -702,6 +716,15 @@ class MultinomialHook(TrainHook):
         e = step / trainer.steps_per_epoch
         return min(c.beta * 2.0 ** math.floor(e / period + 1e-9), cap)
 
+    def settling(self, trainer: Trainer, batch: Batch | None = None) -> bool:
+        """Whether the step is in the last ``settle_fraction`` of training (frozen generator)."""
+        f = self.attack.config.settle_fraction
+        if f <= 0:
+            return False
+        total = trainer.config.epochs * trainer.steps_per_epoch
+        step = trainer.global_step if batch is None else batch.step
+        return step >= math.ceil((1 - f) * total)
+
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if trainer.step_in_epoch > 0 and self.f_benign is not None:
             return  # resumed mid-epoch: keep the reference computed at this epoch's start
@@ -767,7 +790,15 @@ class MultinomialHook(TrainHook):
             return batch
         x_src, y_src = batch.x[sel], batch.y[sel]
         b = x_src.shape[0]
-        p_plus, p_minus = a.probabilities(x_src)  # (b, K, C, H, W)
+        settling = self.settling(trainer, batch)
+        if settling:  # frozen generator, in the evaluation's (eval) mode
+            was = self.generator.training
+            self.generator.eval()
+            with torch.no_grad():
+                p_plus, p_minus = a.probabilities(x_src)
+            self.generator.train(was)
+        else:
+            p_plus, p_minus = a.probabilities(x_src)  # (b, K, C, H, W)
         dev = x_src.device
         if a.num_maps == 1:
             maps = torch.zeros(b, 1, dtype=torch.long, device=dev)
@@ -786,13 +817,19 @@ class MultinomialHook(TrainHook):
         rows = torch.arange(b, device=dev)[:, None]
         pp, pm = p_plus[rows, maps], p_minus[rows, maps]  # (b, k, C, H, W)
         noise = torch.rand(pp.shape, generator=self.noise, device=dev)
-        soft = self.samplenet(noise, pp, pm)
-        x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1).reshape(-1, *a.image_shape)
-        t_flat = targets.reshape(-1)
-        if a.config.num_loss == "expected":
-            num = (pp + pm).mean()
+        if settling:  # equation (1) and 8 bits, exactly as evaluated
+            hard = sample_trigger(pp, pm, noise)
+            x_mal = ((x_src[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
+            num = torch.zeros((), device=dev)
         else:
-            num = soft.abs().mean()
+            soft = self.samplenet(noise, pp, pm)
+            x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1)
+            if a.config.num_loss == "expected":
+                num = (pp + pm).mean()
+            else:
+                num = soft.abs().mean()
+        x_mal = x_mal.reshape(-1, *a.image_shape)
+        t_flat = targets.reshape(-1)
         self._pending = {
             "n_clean": n_clean,
             "targets": t_flat,
@@ -828,7 +865,7 @@ class MultinomialHook(TrainHook):
         if c.cls_weighting == "per_set":
             total = total + ce_mal
         etg = self.entanglement_loss(features[n:], p["targets"])
-        beta = self.beta_at(trainer, batch)
+        beta = 0.0 if self.settling(trainer, batch) else self.beta_at(trainer, batch)
         total = total + c.alpha * etg + beta * p["num"]
         with torch.no_grad():
             hits = float((logits[n:].argmax(1) == batch.y[n:]).float().mean())
