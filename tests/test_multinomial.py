@@ -248,6 +248,7 @@ def test_config_errors() -> None:
         {"cls_weighting": "x"},
         {"targets_per_image": 9},
         {"settle_fraction": 1.0},
+        {"tint_weight": -1.0},
         {"settle_fraction": -0.1},
         {"all_targets": True, "mode": "all2all"},
     ):
@@ -366,12 +367,13 @@ def test_entanglement_loss_gradients_reach_the_classifier_and_the_generator() ->
     assert clf and gen
 
 
-def test_the_loss_is_equation_7() -> None:
+@pytest.mark.parametrize("tint_weight", [0.0, 2.0])
+def test_the_loss_is_equation_7(tint_weight: float) -> None:
     """Trainer's whole-batch CE + the hook's extra loss = CE(benign) + CE(malicious) + alpha L_etg
-    + beta L_num (per-set means, as in the authors' code)."""
+    + beta L_num (per-set means, as in the authors' code), + the optional tint penalty."""
     import torch.nn.functional as F
 
-    a = attack(poison_rate=1.0, alpha=0.3, beta=0.1)
+    a = attack(poison_rate=1.0, alpha=0.3, beta=0.1, tint_weight=tint_weight)
     t, hook, batch = _one_batch(a, data())
     features, logits = t._forward(batch.x)
     total = F.cross_entropy(logits, batch.y) + hook.extra_loss(
@@ -384,6 +386,19 @@ def test_the_loss_is_equation_7() -> None:
         + 0.3 * hook.entanglement_loss(features[n:], batch.y[n:])
         + 0.1 * hook._pending["num"]
     )
+    tint = hook._pending["tint"]
+    if tint_weight:
+        # the squared spatial mean of the expected trigger, per malicious copy and channel
+        pp, pm = a.probabilities(to_float(t.images[:16])[t.labels[:16] != 0])
+        assert tint.item() == pytest.approx(
+            (pp - pm).mean((-2, -1)).pow(2).mean().item(), rel=1e-4
+        )
+        assert tint.item() > 0
+        tint.backward(retain_graph=True)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.generator.parameters())
+        expected = expected + tint_weight * tint
+    else:
+        assert tint.item() == 0
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -506,6 +521,18 @@ def test_evaluation_feature_distance_and_per_label_asr() -> None:
     assert len(r["per_label_asr"]) == 4 and 0 <= r["mean_per_label_asr"] <= 1
     assert "multinomial_per_label_asr" in multi.tables()
     assert multi.figures()["multinomial_per_label_asr.png"][:4] == b"\x89PNG"
+    # an untrained generator's triggers are zero-mean noise: no tint; a generator whose label-2
+    # map is P(+1) = 0.5 everywhere tints every image of label 2's ASR rows (by 0.5 on average;
+    # 8 images per label leave sampling noise in the mean)
+    assert all(0 <= v < 0.3 for v in r["per_label_tint_share"])
+    with torch.no_grad():
+        head = multi.generator.head
+        head.weight.zero_()
+        head.bias.fill_(-20.0)
+        plus_of_label_2 = [2 * 3 + c for c in range(3)]  # P(+1) maps come first, label-major
+        head.bias[plus_of_label_2] = 20.0
+    tinted = multi.evaluate(model, ds)["per_label_tint_share"]
+    assert tinted[2] > 0.8 and all(v is None for i, v in enumerate(tinted) if i != 2)
 
 
 class _AlwaysTarget(torch.nn.Module):
