@@ -72,7 +72,13 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
   sub-pixel gets ``P = 0.5`` for one sign and 0 for the other), and the labels' sign patterns
   are horizontal bands along one colour axis (red and blue against green), one band layout
   per label; label 6 got the layout without bands, a uniform tint of half a grey level on
-  average, which natural colour differences between photos drown out.
+  average, which natural colour differences between photos drown out (``per_label_tint_share``
+  0.997 for label 6, at most 0.022 for the others). Two more epochs from there with the tint
+  penalty (``tint_weight=10``, cosine rate) moved label 6 off the tint (share 0.000) and gave
+  a mean per-label ASR of 0.939, every label between 0.900 and 0.953, clean accuracy 0.938,
+  0.6 % of the ASR set's clean images in their target class, L-inf 1 and 49 % changed
+  sub-pixels (``beta=0``). Whether the penalty from the first step avoids the tint in one run
+  is not measured.
 
 Example:
     >>> from veil.attacks import create_attack
