@@ -402,20 +402,27 @@ def test_the_loss_is_equation_7(tint_weight: float) -> None:
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def _cotrain(
+    seed: int, stop: int | None = None, checkpoint: object = None, **options: object
+) -> tuple[MultinomialAttack, Trainer]:
+    """Co-train for 2 epochs of 3 steps (killed after ``stop`` steps when given)."""
+    a = attack(seed=seed, **options)
+    a.fit(data())
+    t = trainer(a, data(), epochs=2, seed=seed)
+    t.checkpoint_path = checkpoint  # type: ignore[assignment]
+    t.stop_after_steps = stop
+    try:
+        t.fit()
+    except KeyboardInterrupt:
+        pass
+    return a, t
+
+
 def test_cotraining_is_deterministic_and_resumable(tmp_path) -> None:  # type: ignore[no-untyped-def]
     def run(
         stop: int | None = None, ckpt: bool = False
     ) -> tuple[MultinomialAttack, Trainer]:
-        a = attack(poison_rate=0.5, seed=5)
-        a.fit(data())
-        t = trainer(a, data(), epochs=2, seed=5)
-        t.checkpoint_path = tmp_path / "ckpt.pt" if ckpt else None
-        t.stop_after_steps = stop
-        try:
-            t.fit()
-        except KeyboardInterrupt:
-            pass
-        return a, t
+        return _cotrain(5, stop, tmp_path / "ckpt.pt" if ckpt else None, poison_rate=0.5)
 
     a1, t1 = run()
     a2, t2 = run()
@@ -456,19 +463,8 @@ def test_settle_phase_freezes_the_generator_and_trains_on_the_exact_trigger() ->
     soft sample, steps 3-5 give the classifier exact, 8-bit, one-grey-level triggers from the
     frozen generator, which then ends as it was after step 3."""
 
-    def run(stop: int | None = None) -> tuple[MultinomialAttack, Trainer]:
-        a = attack(poison_rate=1.0, settle_fraction=0.5, seed=3)
-        a.fit(data())
-        t = trainer(a, data(), epochs=2, seed=3)
-        t.stop_after_steps = stop
-        try:
-            t.fit()
-        except KeyboardInterrupt:
-            pass
-        return a, t
-
-    a_full, t_full = run()
-    a_cut, t_cut = run(stop=3)
+    a_full, t_full = _cotrain(3, poison_rate=1.0, settle_fraction=0.5)
+    a_cut, t_cut = _cotrain(3, stop=3, poison_rate=1.0, settle_fraction=0.5)
     for (k, v1), v2 in zip(a_full.state_dict().items(), a_cut.state_dict().values()):
         assert torch.equal(v1, v2), k
     assert any(
