@@ -182,11 +182,7 @@ def _prepare_folder(config: RunConfig) -> rec.RunRecord:
         for sub in ("figures", "tables", "defenses", "analysis"):
             shutil.rmtree(record.path(sub), ignore_errors=True)
     elif record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
-        # a field added since the unfinished run was recorded compares as its default
-        defaults = json_roundtrip(
-            {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-        )
-        old = {k: v for k, v in {**defaults, **record.config()}.items() if k not in _RESUME_IGNORED}
+        old = {k: v for k, v in _recorded_config(record).items() if k not in _RESUME_IGNORED}
         new = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k not in _RESUME_IGNORED}
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -198,6 +194,15 @@ def _prepare_folder(config: RunConfig) -> rec.RunRecord:
         raise RecordError(f"output folder {root} is not empty and is not a veil run; choose another --out")
     root.mkdir(parents=True, exist_ok=True)
     return record
+
+
+def _recorded_config(record: rec.RunRecord) -> dict[str, Any]:
+    """A run's recorded ``config.json`` (JSON values), a field added since it was recorded
+    filled in with its default."""
+    defaults = json_roundtrip(
+        {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    )
+    return {**defaults, **record.config()}
 
 
 def json_roundtrip(obj: Any) -> Any:
@@ -388,8 +393,8 @@ def _init_source(config: RunConfig) -> tuple[Path, dict[str, Any], dict[str, Any
     src = rec.RunRecord(config.init_from).require()
     if src.root.resolve() == Path(config.out).resolve():
         raise RecordError(f"init_from {src.root} is this run's own output folder")
-    old = {**{f.name: f.default for f in dataclasses.fields(RunConfig)}, **src.config()}
-    new = config.to_dict()
+    old = _recorded_config(src)
+    new = json_roundtrip(config.to_dict())
     diff = [k for k in _INIT_MATCH if old.get(k) != new.get(k)]
     if diff:
         raise RecordError(

@@ -905,6 +905,7 @@ class MultinomialHook(TrainHook):
             "targets": t_flat,
             "num": num,
             "tint": tint,
+            "settling": settling,
             "expected": (pp + pm).detach().mean(),
         }
         batch.x = torch.cat((batch.x, x_mal))
@@ -936,7 +937,7 @@ class MultinomialHook(TrainHook):
         if c.cls_weighting == "per_set":
             total = total + ce_mal
         etg = self.entanglement_loss(features[n:], p["targets"])
-        beta = 0.0 if self.settling(trainer, batch) else self.beta_at(trainer, batch)
+        beta = 0.0 if p["settling"] else self.beta_at(trainer, batch)
         total = total + c.alpha * etg + beta * p["num"]
         if c.tint_weight > 0:
             total = total + c.tint_weight * p["tint"]
