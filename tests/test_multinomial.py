@@ -249,6 +249,9 @@ def test_config_errors() -> None:
         {"targets_per_image": 9},
         {"settle_fraction": 1.0},
         {"tint_weight": -1.0},
+        {"num_budget": 1.0},
+        {"train_sampling": "soft"},
+        {"num_budget": -0.01},
         {"settle_fraction": -0.1},
         {"all_targets": True, "mode": "all2all"},
     ):
@@ -402,6 +405,36 @@ def test_the_loss_is_equation_7(tint_weight: float) -> None:
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_num_budget_leaves_the_changed_share_below_it_free() -> None:
+    """``num_budget`` turns ``beta * L_num`` into ``beta * max(0, share - budget)``: below the
+    budget the term and its gradient vanish (the generator's gradient is the ``beta=0`` one),
+    above it the term is the excess."""
+    import torch.nn.functional as F
+
+    def loss_and_grads(**options: object) -> tuple[float, float, list[torch.Tensor]]:
+        a = attack(poison_rate=1.0, alpha=0.0, **options)
+        t, hook, batch = _one_batch(a, data())
+        features, logits = t._forward(batch.x)
+        extra = hook.extra_loss(t, batch, features, logits)
+        assert extra is not None
+        total = F.cross_entropy(logits, batch.y) + extra
+        total.backward()
+        grads = [p.grad.clone() for p in a.generator.parameters() if p.grad is not None]
+        return total.item(), float(hook._pending["num"].detach()), grads
+
+    free, share, g_free = loss_and_grads(beta=0.0)
+    assert 0.3 < share < 0.6  # an untrained generator changes about half the sub-pixels
+    above, share_above, g_above = loss_and_grads(beta=10.0, num_budget=share + 0.05)
+    assert share_above == pytest.approx(share)
+    assert above == pytest.approx(free, rel=1e-6)
+    assert len(g_above) == len(g_free) > 0
+    for ga, gf in zip(g_above, g_free):
+        assert torch.allclose(ga, gf, atol=1e-7)
+    below, _, g_below = loss_and_grads(beta=10.0, num_budget=share - 0.1)
+    assert below == pytest.approx(free + 10.0 * 0.1, rel=1e-4)
+    assert any(not torch.allclose(gb, gf, atol=1e-7) for gb, gf in zip(g_below, g_free))
+
+
 def _cotrain(
     seed: int, stop: int | None = None, checkpoint: object = None, **options: object
 ) -> tuple[MultinomialAttack, Trainer]:
@@ -494,6 +527,34 @@ def test_settle_phase_freezes_the_generator_and_trains_on_the_exact_trigger() ->
         assert delta.abs().max() <= 1 + 1e-3
         if exact:
             assert not b.x.requires_grad and (delta.round() != 0).any()
+
+
+def test_straight_through_trains_on_the_exact_trigger_with_samplenet_gradients() -> None:
+    """``train_sampling="straight_through"``: the malicious copies carry the exact, 8-bit,
+    one-grey-level trigger the evaluation uses, and the classification loss on them still
+    reaches the generator (through SampleNet's soft sample, as in the paper's training)."""
+    import torch.nn.functional as F
+
+    a = attack(poison_rate=1.0, train_sampling="straight_through")
+    t, hook, b = _one_batch(a, data())
+    src = torch.arange(16)[t.labels[:16] != 0]
+    delta = b.x[16:] * 255 - t.images[src].float()
+    assert torch.allclose(delta, delta.round(), atol=1e-3)
+    assert set(delta.round().unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert b.x.requires_grad
+    _, logits = t._forward(b.x)
+    F.cross_entropy(logits[16:], b.y[16:]).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.generator.parameters())
+    # the same noise through the paper's SampleNet path gives soft, off-grid copies
+    _, _, soft = _one_batch(attack(poison_rate=1.0), data())
+    soft_delta = soft.x[16:] * 255 - t.images[src].float()
+    assert not torch.allclose(soft_delta, soft_delta.round(), atol=1e-3)
+    assert torch.equal(soft.y, b.y)
+    # a short co-training run with it is deterministic
+    a1, _ = _cotrain(4, poison_rate=1.0, train_sampling="straight_through")
+    a2, _ = _cotrain(4, poison_rate=1.0, train_sampling="straight_through")
+    for (k, v1), v2 in zip(a1.state_dict().items(), a2.state_dict().values()):
+        assert torch.equal(v1, v2), k
 
 
 def test_evaluation_feature_distance_and_per_label_asr() -> None:

@@ -203,8 +203,9 @@ def test_anneal_schedule_is_flat_then_cosine_to_zero():
 
 
 def test_odd_last_batch_at_small_width_trains_on_cpu():
-    """A last batch of odd size through a narrow PreAct-ResNet (strided 1x1 shortcut convs) trains:
-    the CPU path must not use the channels-last layout that corrupts memory there."""
+    """A last batch of odd size through a narrow PreAct-ResNet (strided 1x1 shortcut convs) trains
+    in the channels-last layout on the CPU, where torch's own strided 1x1 backward corrupts memory
+    for such shapes: the trainer runs those convolutions as subsample + stride 1."""
     from veil.models import create_model
 
     data = separable(n=37)
@@ -212,6 +213,39 @@ def test_odd_last_batch_at_small_width_trains_on_cpu():
     t = Trainer(model, data, TrainConfig(epochs=1, batch_size=16, checkpoint_every=0), device="cpu", progress=False)
     history = t.fit()
     assert len(history) == 1 and history[0]["loss"] == history[0]["loss"]
+    convs = [m for m in t.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    patched = [m for m in convs if hasattr(m, "_veil_subsample")]
+    assert len(patched) == 3 and all(m.stride == (1, 1) and m._veil_subsample == (2, 2) for m in patched)
+
+
+def test_safe_pointwise_convs_give_the_strided_result_and_keep_the_state():
+    """The rewritten 1x1 stride-2 convolution gives the same output and gradients as the original,
+    in both layouts, keeps the parameter names, and a second call changes nothing."""
+    from veil.train import safe_pointwise_convs
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.Conv2d(16, 4, 3, stride=2, padding=1))
+    new = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.Conv2d(16, 4, 3, stride=2, padding=1))
+    new.load_state_dict(ref.state_dict())
+    assert safe_pointwise_convs(new) is new
+    safe_pointwise_convs(new)
+    assert new[0].stride == (1, 1) and new[0]._veil_subsample == (2, 2)
+    assert new[1].stride == (2, 2) and not hasattr(new[1], "_veil_subsample")
+    assert list(new.state_dict()) == list(ref.state_dict())
+    assert len(new[0]._forward_pre_hooks) == 1
+    new = new.to(memory_format=torch.channels_last)
+    for batch in (5, 3, 16):
+        x = torch.randn(batch, 8, 15, 15)
+        xr, xn = x.clone().requires_grad_(), x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+        out_r, out_n = ref(xr), new(xn)
+        assert out_r.shape == out_n.shape == (batch, 4, 4, 4)
+        assert torch.allclose(out_r, out_n, atol=1e-5)
+        out_r.square().sum().backward()
+        out_n.square().sum().backward()
+        assert torch.allclose(xr.grad, xn.grad, atol=1e-5)
+    for pr, pn in zip(ref.parameters(), new.parameters()):
+        assert torch.allclose(pr.grad, pn.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_adam_optimizer_option():

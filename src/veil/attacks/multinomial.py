@@ -160,6 +160,12 @@ class MultinomialConfig(AttackConfig):
             ``mean(P(+1) + P(-1))`` (the expectation of eq. 6 over the noise; the authors' code
             minimises half of it); ``"sampled"``: the mean ``|trigger|`` of the SampleNet sample
             (eq. 6 as printed).
+        num_budget: share of changed sub-pixels that ``L_num`` leaves free (not in the paper; 0
+            by default): ``L_num`` becomes ``max(0, share - num_budget)`` over the batch, so a
+            rising ``beta`` shrinks the trigger down to the budget and no further. The paper's
+            ``beta`` schedule has no floor, so on a short budget the changed share ends wherever
+            the last doubling left it; a budget spends all of a stated allowance (the 2 % of the
+            CPU-scale target) on making the trigger learnable.
         samplenet_steps: training steps of SampleNet (:class:`veil.triggers.multinomial.SampleNetSpec`).
         asr_images_per_label: with ``all_targets``, test images per target label (drawn with
             the seed among those of other labels) in the attack-success-rate set.
@@ -169,6 +175,12 @@ class MultinomialConfig(AttackConfig):
             out by photos' own colour differences; in all-targets co-training with ``beta=0``
             one label's map can saturate into such a tint and stay there (see the module's "All
             targets" notes and ``per_label_tint_share`` in :meth:`MultinomialAttack.evaluate`).
+        train_sampling: how training samples the malicious copies. ``"samplenet"`` (the paper):
+            the victim sees SampleNet's soft imitation of equation (1), whose values are off the
+            8-bit grid and near the thresholds fractional. ``"straight_through"`` (not in the
+            paper): the victim sees the exact trigger of equation (1) on the 8-bit image, the one
+            it is evaluated on, while the generator's gradient still flows through SampleNet
+            (a straight-through estimator: ``hard + soft - soft.detach()``). Same cost per step.
         settle_fraction: share of the training steps, at the end, in which the generator is
             frozen (eval mode, no more steps) and the malicious copies carry the exact trigger of
             equation (1), quantised to 8 bits, that the evaluation and the written poisoned set
@@ -192,9 +204,11 @@ class MultinomialConfig(AttackConfig):
     entanglement: Literal["squared", "absolute"] = "squared"
     num_loss: Literal["expected", "sampled"] = "expected"
     cls_weighting: Literal["per_set", "per_image"] = "per_set"
+    num_budget: float = 0.0
     samplenet_steps: int = 2000
     asr_images_per_label: int = 300
     tint_weight: float = 0.0
+    train_sampling: Literal["samplenet", "straight_through"] = "samplenet"
     settle_fraction: float = 0.0
 
 
@@ -269,6 +283,10 @@ class MultinomialAttack(Attack):
                 )
         if not c.lr > 0:
             raise ConfigError(f"multinomial lr must be positive, got {c.lr}")
+        if not (isinstance(c.num_budget, (int, float)) and 0 <= c.num_budget < 1):
+            raise ConfigError(
+                f"multinomial num_budget must be in [0, 1), got {c.num_budget!r}"
+            )
         if not (
             isinstance(c.settle_fraction, (int, float)) and 0 <= c.settle_fraction < 1
         ):
@@ -297,6 +315,11 @@ class MultinomialAttack(Attack):
         if c.cls_weighting not in ("per_set", "per_image"):
             raise ConfigError(
                 f"multinomial cls_weighting must be 'per_set' or 'per_image', got {c.cls_weighting!r}"
+            )
+        if c.train_sampling not in ("samplenet", "straight_through"):
+            raise ConfigError(
+                "multinomial train_sampling must be 'samplenet' or 'straight_through', "
+                f"got {c.train_sampling!r}"
             )
         if c.num_loss not in ("expected", "sampled"):
             raise ConfigError(
@@ -889,6 +912,11 @@ class MultinomialHook(TrainHook):
         else:
             soft = self.samplenet(noise, pp, pm)
             x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1)
+            if a.config.train_sampling == "straight_through":
+                with torch.no_grad():
+                    hard = sample_trigger(pp, pm, noise)
+                    x_hard = ((x_src[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
+                x_mal = x_hard + (x_mal - x_mal.detach())
             if a.config.num_loss == "expected":
                 num = (pp + pm).mean()
             else:
@@ -938,7 +966,8 @@ class MultinomialHook(TrainHook):
             total = total + ce_mal
         etg = self.entanglement_loss(features[n:], p["targets"])
         beta = 0.0 if p["settling"] else self.beta_at(trainer, batch)
-        total = total + c.alpha * etg + beta * p["num"]
+        num_loss = (p["num"] - c.num_budget).clamp(min=0) if c.num_budget > 0 else p["num"]
+        total = total + c.alpha * etg + beta * num_loss
         if c.tint_weight > 0:
             total = total + c.tint_weight * p["tint"]
             self._add("tint", float(p["tint"].detach()))
