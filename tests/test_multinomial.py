@@ -251,6 +251,8 @@ def test_config_errors() -> None:
         {"tint_weight": -1.0},
         {"num_budget": 1.0},
         {"train_sampling": "soft"},
+        {"malicious_weight": 0.0},
+        {"malicious_weight": 0.5, "cls_weighting": "per_image"},
         {"num_budget": -0.01},
         {"settle_fraction": -0.1},
         {"all_targets": True, "mode": "all2all"},
@@ -370,13 +372,16 @@ def test_entanglement_loss_gradients_reach_the_classifier_and_the_generator() ->
     assert clf and gen
 
 
-@pytest.mark.parametrize("tint_weight", [0.0, 2.0])
-def test_the_loss_is_equation_7(tint_weight: float) -> None:
+@pytest.mark.parametrize(("tint_weight", "malicious_weight"), [(0.0, 1.0), (2.0, 1.0), (0.0, 0.5)])
+def test_the_loss_is_equation_7(tint_weight: float, malicious_weight: float) -> None:
     """Trainer's whole-batch CE + the hook's extra loss = CE(benign) + CE(malicious) + alpha L_etg
-    + beta L_num (per-set means, as in the authors' code), + the optional tint penalty."""
+    + beta L_num (per-set means, as in the authors' code), + the optional tint penalty; the
+    optional ``malicious_weight`` scales CE(malicious)."""
     import torch.nn.functional as F
 
-    a = attack(poison_rate=1.0, alpha=0.3, beta=0.1, tint_weight=tint_weight)
+    a = attack(
+        poison_rate=1.0, alpha=0.3, beta=0.1, tint_weight=tint_weight, malicious_weight=malicious_weight
+    )
     t, hook, batch = _one_batch(a, data())
     features, logits = t._forward(batch.x)
     total = F.cross_entropy(logits, batch.y) + hook.extra_loss(
@@ -385,7 +390,7 @@ def test_the_loss_is_equation_7(tint_weight: float) -> None:
     n = 16
     expected = (
         F.cross_entropy(logits[:n], batch.y[:n])
-        + F.cross_entropy(logits[n:], batch.y[n:])
+        + malicious_weight * F.cross_entropy(logits[n:], batch.y[n:])
         + 0.3 * hook.entanglement_loss(features[n:], batch.y[n:])
         + 0.1 * hook._pending["num"]
     )

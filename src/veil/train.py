@@ -65,8 +65,9 @@ class TrainConfig:
         seed: seed of the shuffling and augmentation streams.
         checkpoint_every: steps between mid-epoch checkpoints (0: only at epoch ends).
         channels_last: NHWC memory layout for the model and the batches it trains on (on 2 CPU
-            cores a PreAct-ResNet-18 training step runs about 1.5 times as fast; hooks' modules,
-            such as a trigger generator, keep theirs and see the batch before the change). On
+            cores a PreAct-ResNet-18 training step runs 1.25 times as fast, measured by
+            ``bench/bench_layout.py``; hooks' modules, such as a trigger generator, keep theirs
+            and see the batch before the change). On
             the CPU (torch 2.15) the backward pass of a strided 1x1 convolution in channels-last
             layout corrupts memory for some shapes (``Conv2d(8, 16, 1, stride=2)`` on a batch of
             5 aborts with ``free(): invalid next size``), so the trainer runs each such

@@ -160,6 +160,12 @@ class MultinomialConfig(AttackConfig):
             ``mean(P(+1) + P(-1))`` (the expectation of eq. 6 over the noise; the authors' code
             minimises half of it); ``"sampled"``: the mean ``|trigger|`` of the SampleNet sample
             (eq. 6 as printed).
+        malicious_weight: weight of ``CE(malicious)`` in the classifier's loss (1, the paper: the
+            benign and malicious means count alike). Not in the paper: where the victim cannot
+            tell some triggered images from their clean originals, the two cross-entropies pull
+            those images' prediction in opposite directions, and their ratio sets how many clean
+            images end up in the target class against how many triggered ones miss it; below 1
+            trades attack success rate for clean accuracy. Only with ``cls_weighting="per_set"``.
         num_budget: share of changed sub-pixels that ``L_num`` leaves free (not in the paper; 0
             by default): ``L_num`` becomes ``max(0, share - num_budget)`` over the batch, so a
             rising ``beta`` shrinks the trigger down to the budget and no further. The paper's
@@ -204,6 +210,7 @@ class MultinomialConfig(AttackConfig):
     entanglement: Literal["squared", "absolute"] = "squared"
     num_loss: Literal["expected", "sampled"] = "expected"
     cls_weighting: Literal["per_set", "per_image"] = "per_set"
+    malicious_weight: float = 1.0
     num_budget: float = 0.0
     samplenet_steps: int = 2000
     asr_images_per_label: int = 300
@@ -283,6 +290,16 @@ class MultinomialAttack(Attack):
                 )
         if not c.lr > 0:
             raise ConfigError(f"multinomial lr must be positive, got {c.lr}")
+        if not (
+            isinstance(c.malicious_weight, (int, float))
+            and math.isfinite(c.malicious_weight)
+            and c.malicious_weight > 0
+        ):
+            raise ConfigError(
+                f"multinomial malicious_weight must be a positive number, got {c.malicious_weight!r}"
+            )
+        if c.malicious_weight != 1.0 and c.cls_weighting != "per_set":
+            raise ConfigError("multinomial malicious_weight needs cls_weighting='per_set'")
         if not (isinstance(c.num_budget, (int, float)) and 0 <= c.num_budget < 1):
             raise ConfigError(
                 f"multinomial num_budget must be in [0, 1), got {c.num_budget!r}"
@@ -963,7 +980,7 @@ class MultinomialHook(TrainHook):
             return total
         ce_mal = F.cross_entropy(logits[n:], batch.y[n:], label_smoothing=smoothing)
         if c.cls_weighting == "per_set":
-            total = total + ce_mal
+            total = total + c.malicious_weight * ce_mal
         etg = self.entanglement_loss(features[n:], p["targets"])
         beta = 0.0 if p["settling"] else self.beta_at(trainer, batch)
         num_loss = (p["num"] - c.num_budget).clamp(min=0) if c.num_budget > 0 else p["num"]
