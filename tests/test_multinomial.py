@@ -252,6 +252,7 @@ def test_config_errors() -> None:
         {"num_budget": 1.0},
         {"train_sampling": "soft"},
         {"malicious_weight": 0.0},
+        {"malicious_weight_from": 1.0},
         {"malicious_weight": 0.5, "cls_weighting": "per_image"},
         {"num_budget": -0.01},
         {"settle_fraction": -0.1},
@@ -408,6 +409,16 @@ def test_the_loss_is_equation_7(tint_weight: float, malicious_weight: float) -> 
     else:
         assert tint.item() == 0
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_malicious_weight_applies_from_its_share_of_the_steps() -> None:
+    a = attack(poison_rate=1.0, malicious_weight=0.5, malicious_weight_from=0.5)
+    t = trainer(a, data(), epochs=2)  # 3 steps per epoch
+    hook = t.hooks[0]
+    assert isinstance(hook, MultinomialHook)
+    weights = [hook.malicious_weight_at(t, Batch(x=None, y=None, index=None, step=s, epoch=0)) for s in range(6)]  # type: ignore[arg-type]
+    assert weights == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    assert attack(malicious_weight=0.5).training_hook().malicious_weight_at(t, None) == 0.5  # type: ignore[union-attr]
 
 
 def test_num_budget_leaves_the_changed_share_below_it_free() -> None:
