@@ -552,7 +552,7 @@ def test_straight_through_trains_on_the_exact_trigger_with_samplenet_gradients()
     import torch.nn.functional as F
 
     a = attack(poison_rate=1.0, train_sampling="straight_through")
-    t, hook, b = _one_batch(a, data())
+    t, _, b = _one_batch(a, data())
     src = torch.arange(16)[t.labels[:16] != 0]
     delta = b.x[16:] * 255 - t.images[src].float()
     assert torch.allclose(delta, delta.round(), atol=1e-3)
