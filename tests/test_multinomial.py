@@ -260,8 +260,9 @@ def test_config_errors() -> None:
     ):
         with pytest.raises(ConfigError):
             attack(**bad)
-    with pytest.raises(ConfigError, match="multiples of 16"):
-        create_attack("multinomial", 4, (3, 24, 24))
+    for shape in ((3, 24, 24), (3, 32, 24), (3, 24, 32)):
+        with pytest.raises(ConfigError, match="multiples of 16"):
+            create_attack("multinomial", 4, shape)
     with pytest.raises(ConfigError, match="no option"):
         create_attack("badnets", 4, (3, 32, 32), all_targets=True)
 

@@ -313,32 +313,15 @@ class MultinomialAttack(Attack):
                 )
         if not c.lr > 0:
             raise ConfigError(f"multinomial lr must be positive, got {c.lr}")
-        if not (
-            isinstance(c.malicious_weight, (int, float))
-            and math.isfinite(c.malicious_weight)
-            and c.malicious_weight > 0
-        ):
-            raise ConfigError(
-                f"multinomial malicious_weight must be a positive number, got {c.malicious_weight!r}"
-            )
-        if not (
-            isinstance(c.malicious_weight_from, (int, float)) and 0 <= c.malicious_weight_from < 1
-        ):
-            raise ConfigError(
-                f"multinomial malicious_weight_from must be in [0, 1), got {c.malicious_weight_from!r}"
-            )
-        if c.malicious_weight != 1.0 and c.cls_weighting != "per_set":
+        mw = c.malicious_weight
+        if not (isinstance(mw, (int, float)) and math.isfinite(mw) and mw > 0):
+            raise ConfigError(f"multinomial malicious_weight must be a positive number, got {mw!r}")
+        if mw != 1.0 and c.cls_weighting != "per_set":
             raise ConfigError("multinomial malicious_weight needs cls_weighting='per_set'")
-        if not (isinstance(c.num_budget, (int, float)) and 0 <= c.num_budget < 1):
-            raise ConfigError(
-                f"multinomial num_budget must be in [0, 1), got {c.num_budget!r}"
-            )
-        if not (
-            isinstance(c.settle_fraction, (int, float)) and 0 <= c.settle_fraction < 1
-        ):
-            raise ConfigError(
-                f"multinomial settle_fraction must be in [0, 1), got {c.settle_fraction!r}"
-            )
+        for name in ("malicious_weight_from", "num_budget", "settle_fraction"):
+            v = getattr(c, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ConfigError(f"multinomial {name} must be in [0, 1), got {v!r}")
         for name in ("width", "levels", "samplenet_steps", "asr_images_per_label"):
             v = getattr(c, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
