@@ -6,8 +6,10 @@ variable ``VEIL_SHARED`` or, by default, beside the repository root.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -55,3 +57,13 @@ def make_synthetic(n: int = 64, num_classes: int = 4, size: int = 32, seed: int 
 @pytest.fixture
 def synthetic() -> ImageDataset:
     return make_synthetic()
+
+
+def load_script(relative: str) -> ModuleType:
+    """Import a script of the repository (``scripts/...``, ``bench/...``) as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

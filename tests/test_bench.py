@@ -3,22 +3,15 @@ speed figures themselves are the benchmark's business, not the tests')."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_layout.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_layout", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/bench_layout.py")
 
 
 def test_writes_both_layouts_of_every_case(bench, tmp_path) -> None:  # type: ignore[no-untyped-def]

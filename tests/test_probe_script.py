@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "probe_trigger_learnability.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def probe():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("probe_trigger_learnability", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/probe_trigger_learnability.py")
 
 
 @pytest.mark.parametrize("signs", ["checker", "plus", "random"])
