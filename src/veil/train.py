@@ -67,12 +67,12 @@ class TrainConfig:
         channels_last: NHWC memory layout for the model and the batches it trains on (on 2 CPU
             cores a PreAct-ResNet-18 training step runs 1.25 times as fast, measured by
             ``bench/bench_layout.py``; hooks' modules, such as a trigger generator, keep theirs
-            and see the batch before the change). On
-            the CPU (torch 2.15) the backward pass of a strided 1x1 convolution in channels-last
-            layout corrupts memory for some shapes (``Conv2d(8, 16, 1, stride=2)`` on a batch of
-            5 aborts with ``free(): invalid next size``), so the trainer runs each such
-            convolution as a subsampling of its input followed by the same convolution at stride
-            1, which gives the same result (:func:`safe_pointwise_convs`).
+            and see the batch before the change). On the CPU (torch 2.15) the backward pass of
+            a strided 1x1 convolution in channels-last layout corrupts memory for some shapes
+            (``Conv2d(8, 16, 1, stride=2)`` on a batch of 5 aborts with ``free(): invalid next
+            size``), so the trainer runs each such convolution as a subsampling of its input
+            followed by the same convolution at stride 1, which gives the same result
+            (:func:`safe_pointwise_convs`).
     """
 
     epochs: int = 4

@@ -149,6 +149,21 @@ _NOISE_SALT = 7_777
 _TRAIN_NOISE_SALT = 9_173
 
 
+def _exact_copies(x: Tensor, p_plus: Tensor, p_minus: Tensor, noise: Tensor) -> Tensor:
+    """Malicious copies ``(b, k, C, H, W)`` of images ``x`` ``(b, C, H, W)`` with the exact trigger
+    of equation (1), on the 8-bit grid, as the evaluation and the written poisoned set have it."""
+    hard = sample_trigger(p_plus, p_minus, noise)
+    return ((x[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
+
+
+def _reached(trainer: Trainer, batch: Batch | None, share: float) -> bool:
+    """Whether the step (``batch.step``, else the trainer's) is at or past ``ceil(share * total
+    steps)``."""
+    total = trainer.config.epochs * trainer.steps_per_epoch
+    step = trainer.global_step if batch is None else batch.step
+    return step >= math.ceil(share * total)
+
+
 @dataclass(frozen=True)
 class MultinomialConfig(AttackConfig):
     """Options of the multinomial-trigger attack (defaults: the paper, section 4.1, and the
@@ -838,18 +853,12 @@ class MultinomialHook(TrainHook):
     def settling(self, trainer: Trainer, batch: Batch | None = None) -> bool:
         """Whether the step is in the last ``settle_fraction`` of training (frozen generator)."""
         f = self.attack.config.settle_fraction
-        if f <= 0:
-            return False
-        total = trainer.config.epochs * trainer.steps_per_epoch
-        step = trainer.global_step if batch is None else batch.step
-        return step >= math.ceil((1 - f) * total)
+        return f > 0 and _reached(trainer, batch, 1 - f)
 
     def malicious_weight_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
         """``malicious_weight`` from step ``ceil(malicious_weight_from * total steps)`` on, 1 before."""
         c = self.attack.config
-        total = trainer.config.epochs * trainer.steps_per_epoch
-        step = trainer.global_step if batch is None else batch.step
-        return c.malicious_weight if step >= math.ceil(c.malicious_weight_from * total) else 1.0
+        return c.malicious_weight if _reached(trainer, batch, c.malicious_weight_from) else 1.0
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if trainer.step_in_epoch > 0 and self.f_benign is not None:
@@ -944,16 +953,14 @@ class MultinomialHook(TrainHook):
         pp, pm = p_plus[rows, maps], p_minus[rows, maps]  # (b, k, C, H, W)
         noise = torch.rand(pp.shape, generator=self.noise, device=dev)
         if settling:  # equation (1) and 8 bits, exactly as evaluated
-            hard = sample_trigger(pp, pm, noise)
-            x_mal = ((x_src[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
+            x_mal = _exact_copies(x_src, pp, pm, noise)
             num = torch.zeros((), device=dev)
         else:
             soft = self.samplenet(noise, pp, pm)
             x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1)
             if a.config.train_sampling == "straight_through":
                 with torch.no_grad():
-                    hard = sample_trigger(pp, pm, noise)
-                    x_hard = ((x_src[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
+                    x_hard = _exact_copies(x_src, pp, pm, noise)
                 x_mal = x_hard + (x_mal - x_mal.detach())
             if a.config.num_loss == "expected":
                 num = (pp + pm).mean()
