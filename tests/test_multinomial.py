@@ -256,6 +256,10 @@ def test_config_errors() -> None:
         {"malicious_weight": 0.5, "cls_weighting": "per_image"},
         {"num_budget": -0.01},
         {"settle_fraction": -0.1},
+        {"noise_negatives": 1.5},
+        {"noise_negatives": -0.1},
+        {"noise_negatives_from": 1.0},
+        {"generator_schedule": "cosine"},
         {"all_targets": True, "mode": "all2all"},
     ):
         with pytest.raises(ConfigError):
@@ -572,6 +576,73 @@ def test_straight_through_trains_on_the_exact_trigger_with_samplenet_gradients()
     a2, _ = _cotrain(4, poison_rate=1.0, train_sampling="straight_through")
     for (k, v1), v2 in zip(a1.state_dict().items(), a2.state_dict().values()):
         assert torch.equal(v1, v2), k
+
+
+def test_noise_negatives_put_random_one_level_noise_on_benign_rows_with_their_labels() -> None:
+    """``noise_negatives``: from its share of the steps on, that share of the benign rows carry
+    random +-1 noise (8-bit, at most one grey level, about the trigger's density) and keep their
+    true labels; the malicious copies are unchanged."""
+    ds = data()
+    a = attack(poison_rate=1.0, noise_negatives=1.0)
+    t, hook, b = _one_batch(a, ds)
+    delta = b.x[:16] * 255 - t.images[:16].float()
+    assert torch.allclose(delta, delta.round(), atol=1e-3)
+    assert set(delta.round().unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert torch.equal(b.y[:16], ds.labels[:16])
+    share = float((delta.round() != 0).float().mean())
+    expected = float(hook._pending["expected"])
+    assert abs(share - expected) < 0.05, (share, expected)  # the trigger's density (untrained: ~0.4)
+    assert hook._sums["noise_negatives"] == 1.0
+    # none before noise_negatives_from, and a share of 0.5 touches about half the rows
+    a_late = attack(poison_rate=1.0, noise_negatives=1.0, noise_negatives_from=0.5)
+    t_late, _, b_late = _one_batch(a_late, ds)
+    assert torch.equal(b_late.x[:16], to_float(t_late.images[:16]))
+    t2 = trainer(a_late, ds, epochs=2)
+    h2 = t2.hooks[0]
+    assert isinstance(h2, MultinomialHook)
+    shares = [h2.noise_negatives_at(t2, Batch(x=None, y=None, index=None, step=s, epoch=0)) for s in range(6)]  # type: ignore[arg-type]
+    assert shares == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    big = data(n=400)
+    _, _, b_half = _one_batch(attack(poison_rate=1.0, noise_negatives=0.5), big)
+    rows = (b_half.x[:16] * 255 - to_float(big.images[:16]) * 255).abs().flatten(1).amax(1) > 0.5
+    assert 2 <= int(rows.sum()) <= 14
+    # the malicious copies are those of the run without negatives (the noise is drawn after them)
+    _, _, b_plain = _one_batch(attack(poison_rate=1.0), ds)
+    assert torch.equal(b.x[16:], b_plain.x[16:])
+    # deterministic co-training
+    a1, _ = _cotrain(5, poison_rate=1.0, noise_negatives=0.5)
+    a2, _ = _cotrain(5, poison_rate=1.0, noise_negatives=0.5)
+    for (k, v1), v2 in zip(a1.state_dict().items(), a2.state_dict().values()):
+        assert torch.equal(v1, v2), k
+
+
+def test_generator_schedule_follows_the_trainers_rate() -> None:
+    """``generator_schedule="trainer"`` scales the generator's Adam rate by the classifier's
+    schedule factor at every step; ``"constant"`` (the paper) keeps ``lr``."""
+    a = attack(poison_rate=1.0, lr=0.01, generator_schedule="trainer")
+    a.fit(data())
+    t = trainer(a, data(), epochs=2, schedule="cosine")
+    hook = t.hooks[0]
+    assert isinstance(hook, MultinomialHook)
+    seen: list[tuple[float, float]] = []
+    original = hook.transform_batch
+
+    def spy(tr: Trainer, batch: Batch) -> Batch:
+        out = original(tr, batch)
+        seen.append((hook.optimizer.param_groups[0]["lr"], tr.optimizer.param_groups[0]["lr"]))
+        return out
+
+    hook.transform_batch = spy  # type: ignore[method-assign]
+    t.fit()
+    assert len(seen) == 6
+    for gen_lr, clf_lr in seen:
+        assert gen_lr == pytest.approx(0.01 * clf_lr / 0.05)
+    assert seen[-1][0] < seen[0][0]
+    c = attack(poison_rate=1.0, lr=0.01)
+    c.fit(data())
+    tc = trainer(c, data(), epochs=2, schedule="cosine")
+    tc.fit()
+    assert tc.hooks[0].optimizer.param_groups[0]["lr"] == 0.01  # type: ignore[attr-defined]
 
 
 def test_evaluation_feature_distance_and_per_label_asr() -> None:

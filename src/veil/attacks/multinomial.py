@@ -234,6 +234,23 @@ class MultinomialConfig(AttackConfig):
             CPU-scale budget ends while the trigger is still shrinking, and the classifier's last
             steps then chase a moving, SampleNet-approximated trigger. Measured at 32x32 it
             lowered clean accuracy (see "Scale" in the module notes).
+        generator_schedule: the generator's Adam rate over training. ``"constant"`` (the paper:
+            ``lr`` throughout); ``"trainer"`` (not in the paper): ``lr`` times the classifier's
+            schedule factor at each step (its current rate over its base rate), so with
+            ``--schedule anneal`` the trigger stops moving while the classifier's rate anneals,
+            instead of the classifier's last, smallest steps chasing a trigger still being
+            reshaped at the full rate.
+        noise_negatives: share of the benign rows (drawn per row and step) that carry random
+            +-1 noise, kept with their true label (not in the paper; 0 by default): the noise is
+            equation (1) with uniform maps, ``P(+1) = P(-1)`` = half the generator's mean
+            modification probability in the batch, so it changes as many sub-pixels as the
+            trigger does but without its image-dependent layout. A victim that answers the
+            target for any faint noise also does for clean photos whose own pixel noise looks
+            like it (bright images at 32x32, see "Scale" in the module notes); these negatives
+            make it tell the generator's trigger from noise (as WaNet's noise mode does for its
+            warps).
+        noise_negatives_from: share of the training steps after which ``noise_negatives``
+            applies (0: from the first step).
     """
 
     alpha: float = 0.3
@@ -257,6 +274,9 @@ class MultinomialConfig(AttackConfig):
     tint_weight: float = 0.0
     train_sampling: Literal["samplenet", "straight_through"] = "samplenet"
     settle_fraction: float = 0.0
+    generator_schedule: Literal["constant", "trainer"] = "constant"
+    noise_negatives: float = 0.0
+    noise_negatives_from: float = 0.0
 
 
 @register_attack("multinomial")
@@ -335,7 +355,15 @@ class MultinomialAttack(Attack):
             raise ConfigError(f"multinomial malicious_weight must be a positive number, got {mw!r}")
         if mw != 1.0 and c.cls_weighting != "per_set":
             raise ConfigError("multinomial malicious_weight needs cls_weighting='per_set'")
-        for name in ("malicious_weight_from", "num_budget", "settle_fraction"):
+        nn_share = c.noise_negatives
+        if not (isinstance(nn_share, (int, float)) and 0 <= nn_share <= 1):
+            raise ConfigError(f"multinomial noise_negatives must be in [0, 1], got {nn_share!r}")
+        if c.generator_schedule not in ("constant", "trainer"):
+            raise ConfigError(
+                "multinomial generator_schedule must be 'constant' or 'trainer', "
+                f"got {c.generator_schedule!r}"
+            )
+        for name in ("malicious_weight_from", "num_budget", "settle_fraction", "noise_negatives_from"):
             v = getattr(c, name)
             if not (isinstance(v, (int, float)) and 0 <= v < 1):
                 raise ConfigError(f"multinomial {name} must be in [0, 1), got {v!r}")
@@ -860,6 +888,18 @@ class MultinomialHook(TrainHook):
         c = self.attack.config
         return c.malicious_weight if _reached(trainer, batch, c.malicious_weight_from) else 1.0
 
+    def generator_lr_at(self, trainer: Trainer) -> float:
+        """The generator's Adam rate for the trainer's current step (``generator_schedule``)."""
+        c = self.attack.config
+        if c.generator_schedule == "constant":
+            return c.lr
+        return c.lr * trainer.optimizer.param_groups[0]["lr"] / trainer.config.lr
+
+    def noise_negatives_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+        """``noise_negatives`` from step ``ceil(noise_negatives_from * total steps)`` on, 0 before."""
+        c = self.attack.config
+        return c.noise_negatives if c.noise_negatives > 0 and _reached(trainer, batch, c.noise_negatives_from) else 0.0
+
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if trainer.step_in_epoch > 0 and self.f_benign is not None:
             return  # resumed mid-epoch: keep the reference computed at this epoch's start
@@ -926,6 +966,8 @@ class MultinomialHook(TrainHook):
         x_src, y_src = batch.x[sel], batch.y[sel]
         b = x_src.shape[0]
         settling = self.settling(trainer, batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.generator_lr_at(trainer)
         if settling:  # frozen generator, in the evaluation's (eval) mode
             was = self.generator.training
             self.generator.eval()
@@ -968,6 +1010,18 @@ class MultinomialHook(TrainHook):
                 num = soft.abs().mean()
         x_mal = x_mal.reshape(-1, *a.image_shape)
         t_flat = targets.reshape(-1)
+        share = self.noise_negatives_at(trainer, batch)
+        if share > 0:  # random +-1 noise of the trigger's density on some benign rows, true labels
+            with torch.no_grad():
+                x_ben = batch.x[:n_clean]
+                rows_neg = torch.rand(n_clean, generator=self.noise, device=dev) < share
+                half = (pp + pm).mean() / 2
+                p_neg = half.expand(int(rows_neg.sum()), *a.image_shape)
+                u = torch.rand(p_neg.shape, generator=self.noise, device=dev)
+                x_ben = x_ben.clone()
+                x_ben[rows_neg] = _exact_copies(x_ben[rows_neg], p_neg[:, None], p_neg[:, None], u[:, None])[:, 0]
+            batch.x = x_ben
+            self._add("noise_negatives", float(rows_neg.float().mean()))
         tint = (
             (pp - pm).mean((-2, -1)).pow(2).mean()
             if a.config.tint_weight > 0 and not settling
@@ -1061,6 +1115,7 @@ class MultinomialHook(TrainHook):
                 "train_asr",
                 "beta",
                 "tint",
+                "noise_negatives",
             ):
                 if k in self._sums:
                     out[f"multinomial_{k}"] = self._sums[k] / steps
