@@ -235,12 +235,69 @@ def test_badnets_changes_only_the_patch() -> None:
     x = rand_images()
     out = make("badnets").apply(x)
     diff = (out != x).any(1)[0]
+    # the default patch: 3x3, 4 px (the crop's padding) from the right and bottom edges
     region = torch.zeros(32, 32, dtype=torch.bool)
-    region[-3:, -3:] = True
+    region[-7:-4, -7:-4] = True
     assert not diff[~region].any()
     # the default 3x3 checkerboard: white on the diagonal corners and centre, black elsewhere
     board = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
-    assert (out[:, :, -3:, -3:] == board).all()
+    assert (out[:, :, -7:-4, -7:-4] == board).all()
+    corner = make("badnets", margin=0).apply(x)
+    assert (corner[:, :, -3:, -3:] == board).all()
+
+
+@pytest.mark.parametrize(("size", "margin", "image"), [(3, 0, 32), (3, 4, 32), (4, 1, 32), (6, 2, 20), (3, 0, 8)])
+def test_crop_survival_matches_the_trainers_random_crop(size: int, margin: int, image: int) -> None:
+    from veil.data.augment import CROP_PADDING, random_crop
+    from veil.triggers.patch import corner_mask, crop_survival
+
+    shape = (1, image, image)
+    mask = corner_mask(shape, size, margin)
+    crops = random_crop(mask.expand(6000, 1, image, image), CROP_PADDING, torch.Generator().manual_seed(0))
+    seen = crops.flatten(1).sum(1)
+    whole, gone = crop_survival(shape, size, margin, CROP_PADDING)
+    assert (seen == size * size).float().mean().item() == pytest.approx(whole, abs=0.02)
+    assert (seen == 0).float().mean().item() == pytest.approx(gone, abs=0.02)
+    assert crop_survival(shape, size, margin, 0) == (1.0, 0.0)
+
+
+def test_crop_survival_of_the_corner_patch() -> None:
+    from veil.triggers.patch import crop_survival
+
+    assert crop_survival((3, 32, 32), 3, 0, 4) == pytest.approx((25 / 81, 32 / 81))
+    assert crop_survival((3, 32, 32), 3, 4, 4) == (1.0, 0.0)
+    with pytest.raises(ValueError):
+        crop_survival((3, 32, 32), 3, 0, -1)
+
+
+def test_badnets_says_when_the_crop_cuts_its_patch() -> None:
+    (note,) = make("badnets", margin=0).augmentation_notes(crop_padding=4, hflip=True)
+    assert "40%" in note and "30%" in note and "margin of 4" in note
+    assert make("badnets", margin=0).augmentation_notes(crop_padding=0, hflip=True) == []
+    assert make("badnets").augmentation_notes(crop_padding=4, hflip=True) == []
+    assert make("badnets", margin=3).augmentation_notes(crop_padding=4, hflip=False)
+
+
+def test_a_run_logs_and_records_the_augmentation_notes(tmp_path, caplog) -> None:
+    import json
+    import logging
+
+    from veil.experiment import RunConfig, run_experiment
+
+    common = dict(attack="badnets", dataset="gtsrb_sample", model="preact_resnet18", width=2, epochs=1,
+                  train_subset=172, test_subset=86, device="cpu", progress=False, stealth_samples=8)
+    with caplog.at_level(logging.WARNING, logger="veil.experiment"):
+        run_experiment(RunConfig(**common, attack_options={"margin": 0}, out=str(tmp_path / "corner")))
+    assert any("show none of it" in r.message for r in caplog.records)
+
+    def attack_notes(run: str) -> list[str]:
+        notes = json.loads((tmp_path / run / "metrics.json").read_text())["notes"]
+        return [n for n in notes if not n.startswith("lpips")]
+
+    (note,) = attack_notes("corner")
+    assert note.startswith("badnets: the 3x3 patch 0 px")
+    run_experiment(RunConfig(**common, attack_options={"margin": 0}, base_augment=False, out=str(tmp_path / "nocrop")))
+    assert attack_notes("nocrop") == []
 
 
 @pytest.mark.parametrize("pattern", ["white", "checkerboard", "random"])

@@ -25,6 +25,7 @@ import veil
 from veil import records as rec
 from veil.attacks import ATTACKS, Attack, create_attack
 from veil.data import ImageDataset, PoisonedDataset, load_dataset, stratified_subset, to_float
+from veil.data.augment import CROP_PADDING
 from veil.data.datasets import DATASETS
 from veil.errors import ConfigError, RecordError
 from veil.metrics import accuracy, stealth_metrics
@@ -250,6 +251,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     train, test = _load_data(config)
     data_seconds = time.perf_counter() - t0
     attack = _create_attack(config, train.num_classes, train.image_shape)
+    notes = attack.augmentation_notes(CROP_PADDING if config.base_augment else 0, train.hflip and config.base_augment)
+    for note in notes:
+        log.warning("%s", note)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=train.num_classes, image_size=config.image_size, width=config.width)
 
@@ -365,7 +369,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
             "total_seconds": time.perf_counter() - t_start,
         },
         "attack": attack.describe(),
-        "notes": [n for n in [lpips_note and f"lpips not computed: {lpips_note}"] if n],
+        "notes": [*notes, *[n for n in [lpips_note and f"lpips not computed: {lpips_note}"] if n]],
     }
     record.write_json(rec.METRICS, metrics)
     record.path(rec.CHECKPOINT).unlink(missing_ok=True)

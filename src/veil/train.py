@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from veil.data.augment import BatchAugment
+from veil.data.augment import CROP_PADDING, BatchAugment
 from veil.data.base import ImageDataset, to_float
 from veil.errors import CheckpointError, ConfigError
 from veil.records import atomic_torch_save, load_checkpoint
@@ -267,7 +267,7 @@ class Trainer:
         self.evaluate = evaluate
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
         self.progress = progress
-        self.augment = BatchAugment(padding=4, hflip=train.hflip) if config.augment else None
+        self.augment = BatchAugment(padding=CROP_PADDING, hflip=train.hflip) if config.augment else None
         self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
         for h in self.hooks:
             for m in h.modules():

@@ -163,6 +163,20 @@ class Attack:
         """Tables ``{"title", "columns", "rows"}`` by name; written to ``RUN/tables/NAME.json``."""
         return {}
 
+    def augmentation_notes(self, crop_padding: int, hflip: bool) -> list[str]:
+        """Known ways the victim's augmentation weakens this trigger, one sentence each.
+
+        ``veil run`` logs each as a warning before training and keeps them in ``metrics["notes"]``.
+        Poisoned images are stamped *before* the victim's augmentation (the data-poisoning threat
+        model: the attacker hands over images, the victim augments them), so a trigger the random
+        crop cuts off, or a flip mirrors, is not what the victim learns.
+
+        Args:
+            crop_padding: zero padding of the victim's random crop in pixels (0: no crop).
+            hflip: whether the victim flips images horizontally.
+        """
+        return []
+
     def training_hook(self) -> TrainHook | None:
         """A hook that changes training (extra losses, generators, clipping), or ``None``."""
         return None

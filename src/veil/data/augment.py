@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: zero padding of the trainer's random crop (the standard CIFAR recipe); a crop shifts the image
+#: by up to this many pixels in each direction
+CROP_PADDING = 4
+
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
     """Random crop of every image in ``x`` (B, C, H, W) after zero padding by ``padding``."""
@@ -37,7 +41,7 @@ def random_hflip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = 
 class BatchAugment:
     """Random crop with padding and (optionally) horizontal flip on a float batch in ``[0, 1]``."""
 
-    def __init__(self, padding: int = 4, hflip: bool = True) -> None:
+    def __init__(self, padding: int = CROP_PADDING, hflip: bool = True) -> None:
         self.padding = padding
         self.hflip = hflip
 
