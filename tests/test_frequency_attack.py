@@ -238,3 +238,10 @@ def test_an_impossible_bound_is_a_clear_error() -> None:
     attack = create_attack("frequency", 4, SHAPE, delta_p=1e-3, k=20)
     with pytest.raises(ConfigError, match="delta_p"):
         attack.fit(make_synthetic(16), heatmap=heat())
+
+
+def test_the_run_is_told_when_the_crop_shifts_the_trigger() -> None:
+    attack = create_attack("frequency", 4, SHAPE)
+    (note,) = attack.augmentation_notes(crop_padding=4, hflip=False)
+    assert note.startswith("frequency:") and "--no-base-augment" in note
+    assert attack.augmentation_notes(crop_padding=0, hflip=False) == []

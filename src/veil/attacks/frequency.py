@@ -374,6 +374,15 @@ class FrequencyAttack(Attack):
             )
         return self.mask, self.values
 
+    def augmentation_notes(self, crop_padding: int, hflip: bool) -> list[str]:
+        if crop_padding <= 0:
+            return []
+        return [
+            f"frequency: the trigger is a fixed-phase pattern and the victim's random crop ({crop_padding}-pixel "
+            "padding) shifts it, which changes its phase; the measured recipes train without the crop "
+            "(--no-base-augment), and the crop's effect is measured in docs/attacks/frequency.md"
+        ]
+
     def apply(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         mask, values = self._require_fitted()
         self._check_batch(x)
