@@ -21,6 +21,8 @@ DIRTY = [n for n in ALL if n != "none" and not ATTACKS.get(n).clean_label]
 CLEAN_LABEL = [n for n in ALL if ATTACKS.get(n).clean_label]
 #: attacks whose trigger depends on the seed
 RANDOM_TRIGGER = ["blend", "fiba", "wanet"]
+#: a training set for the attacks' training notes
+TRAIN = make_synthetic(64, num_classes=NUM_CLASSES)
 
 
 #: options for attacks that learn their trigger in ``fit``, so that fitting is cheap: the frequency
@@ -271,14 +273,22 @@ def test_crop_survival_of_the_corner_patch() -> None:
 
 
 def test_badnets_says_when_the_crop_cuts_its_patch() -> None:
-    (note,) = make("badnets", margin=0).augmentation_notes(crop_padding=4, hflip=True)
+    (note,) = make("badnets", margin=0).training_notes(TRAIN, crop_padding=4, hflip=True)
     assert "40%" in note and "30%" in note and "margin of 4" in note
-    assert make("badnets", margin=0).augmentation_notes(crop_padding=0, hflip=True) == []
-    assert make("badnets").augmentation_notes(crop_padding=4, hflip=True) == []
-    assert make("badnets", margin=3).augmentation_notes(crop_padding=4, hflip=False)
+    assert make("badnets", margin=0).training_notes(TRAIN, crop_padding=0, hflip=True) == []
+    assert make("badnets").training_notes(TRAIN, crop_padding=4, hflip=True) == []
+    assert make("badnets", margin=3).training_notes(TRAIN, crop_padding=4, hflip=False)
 
 
-def test_a_run_logs_and_records_the_augmentation_notes(tmp_path, caplog) -> None:
+def test_sig_and_fiba_notes_state_the_measured_budget_limits() -> None:
+    (note,) = make("sig", poison_rate=0.25).training_notes(TRAIN, crop_padding=4, hflip=True)
+    assert "poisons 4 images of the target class, 6.25% of the training set" in note
+    (note,) = make("fiba").training_notes(TRAIN, crop_padding=0, hflip=False)
+    assert note.startswith("fiba:") and "natural images" in note
+    assert make("blend").training_notes(TRAIN, crop_padding=4, hflip=True) == []
+
+
+def test_a_run_logs_and_records_the_training_notes(tmp_path, caplog) -> None:
     import json
     import logging
 

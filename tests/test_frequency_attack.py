@@ -242,6 +242,6 @@ def test_an_impossible_bound_is_a_clear_error() -> None:
 
 def test_the_run_is_told_when_the_crop_shifts_the_trigger() -> None:
     attack = create_attack("frequency", 4, SHAPE)
-    (note,) = attack.augmentation_notes(crop_padding=4, hflip=False)
+    (note,) = attack.training_notes(make_synthetic(8), crop_padding=4, hflip=False)
     assert note.startswith("frequency:") and "--no-base-augment" in note
-    assert attack.augmentation_notes(crop_padding=0, hflip=False) == []
+    assert attack.training_notes(make_synthetic(8), crop_padding=0, hflip=False) == []

@@ -251,7 +251,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     train, test = _load_data(config)
     data_seconds = time.perf_counter() - t0
     attack = _create_attack(config, train.num_classes, train.image_shape)
-    notes = attack.augmentation_notes(CROP_PADDING if config.base_augment else 0, train.hflip and config.base_augment)
+    notes = attack.training_notes(train, CROP_PADDING if config.base_augment else 0, train.hflip and config.base_augment)
     for note in notes:
         log.warning("%s", note)
     torch.manual_seed(config.seed)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from veil.attacks.base import Attack, AttackConfig, register_attack
+from veil.data.base import ImageDataset
 from veil.errors import ConfigError
 from veil.triggers.patch import corner_mask, crop_survival, stamp
 from veil.triggers.pattern import checkerboard, uniform_noise
@@ -113,7 +114,7 @@ class BadNets(Attack):
         self._check_batch(x)
         return stamp(x, self.mask, self.pattern)
 
-    def augmentation_notes(self, crop_padding: int, hflip: bool) -> list[str]:
+    def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
         c = self.config
         whole, gone = crop_survival(self.image_shape, c.patch_size, c.margin, crop_padding)
         if whole == 1.0:

@@ -163,8 +163,9 @@ class Attack:
         """Tables ``{"title", "columns", "rows"}`` by name; written to ``RUN/tables/NAME.json``."""
         return {}
 
-    def augmentation_notes(self, crop_padding: int, hflip: bool) -> list[str]:
-        """Known ways the victim's augmentation weakens this trigger, one sentence each.
+    def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
+        """Known ways this run's set-up weakens the attack, one sentence each: the victim's
+        augmentation, or a poison budget measured too small (``docs/attacks/``).
 
         ``veil run`` logs each as a warning before training and keeps them in ``metrics["notes"]``.
         Poisoned images are stamped *before* the victim's augmentation (the data-poisoning threat
@@ -172,6 +173,7 @@ class Attack:
         crop cuts off, or a flip mirrors, is not what the victim learns.
 
         Args:
+            train: the clean training set the attack will poison.
             crop_padding: zero padding of the victim's random crop in pixels (0: no crop).
             hflip: whether the victim flips images horizontally.
         """

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from veil.attacks.base import Attack, AttackConfig, register_attack
+from veil.data.base import ImageDataset
 from veil.errors import ConfigError
 from veil.triggers.pattern import load_image, smooth_noise
 from veil.triggers.spectral import amplitude_blend, amplitude_spectrum, low_frequency_mask
@@ -94,6 +95,12 @@ class FIBA(Attack):
     def apply(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         self._check_batch(x)
         return amplitude_blend(x, self.trigger_amplitude, self.config.alpha, self.mask).clamp(0, 1)
+
+    def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
+        return [
+            "fiba: with default options at the foundation budget the backdoor was learned on GTSRB but not on "
+            "natural images (the CIFAR-10 subset; docs/attacks/baselines.md)"
+        ]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"trigger": self.trigger.clone()}

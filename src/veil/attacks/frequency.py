@@ -374,7 +374,7 @@ class FrequencyAttack(Attack):
             )
         return self.mask, self.values
 
-    def augmentation_notes(self, crop_padding: int, hflip: bool) -> list[str]:
+    def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
         if crop_padding <= 0:
             return []
         return [

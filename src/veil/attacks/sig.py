@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from veil.attacks.base import Attack, AttackConfig, register_attack
+from veil.data.base import ImageDataset
 from veil.errors import ConfigError
 from veil.triggers.sinusoid import add_signal, horizontal_sinusoid
 
@@ -90,6 +91,14 @@ class SIG(Attack):
         """The test signal: ``clip(x + v)`` with amplitude ``test_delta``."""
         self._check_batch(x)
         return add_signal(x, self.test_signal)
+
+    def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
+        n = self.poison_count_for(train)
+        return [
+            f"sig is clean-label: it poisons {n} images of the target class, {n / max(len(train), 1):.2%} of the "
+            "training set; 10% of the target class (the default rate) learned no backdoor at the foundation "
+            "budget on GTSRB or the CIFAR-10 subset (docs/attacks/baselines.md)"
+        ]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"signal": self.signal.clone(), "test_signal": self.test_signal.clone()}
