@@ -107,6 +107,7 @@ def _point(p: Any, references: dict[str, float]) -> dict[str, Any]:
         "notes": [n for n in m.get("notes", []) if not n.startswith("lpips")],
         "veil_version": env.get("veil_version"),
         "git_sha": env.get("git_sha"),
+        "git_dirty": env.get("git_dirty"),
         "threads": env.get("threads"),
     }
 

@@ -280,11 +280,13 @@ def test_badnets_says_when_the_crop_cuts_its_patch() -> None:
     assert make("badnets", margin=3).training_notes(TRAIN, crop_padding=4, hflip=False)
 
 
-def test_sig_and_fiba_notes_state_the_measured_budget_limits() -> None:
+def test_sig_wanet_and_fiba_notes_state_the_measured_budget_limits() -> None:
     (note,) = make("sig", poison_rate=0.25).training_notes(TRAIN, crop_padding=4, hflip=True)
     assert "poisons 4 images of the target class, 6.25% of the training set" in note
     (note,) = make("fiba").training_notes(TRAIN, crop_padding=0, hflip=False)
     assert note.startswith("fiba:") and "natural images" in note
+    (note,) = make("wanet").training_notes(TRAIN, crop_padding=0, hflip=False)
+    assert note.startswith("wanet:") and "without it" in note
     assert make("blend").training_notes(TRAIN, crop_padding=4, hflip=True) == []
 
 

@@ -82,6 +82,8 @@ def test_run_records_everything_and_is_deterministic(tmp_path, capsys):
     assert rec.config()["attack"] == "badnets"
     env = rec.environment()
     assert env["torch_version"] == torch.__version__ and env["device"] == "cpu"
+    # a checkout records its commit and whether veil's source differs from it; elsewhere neither
+    assert (env["git_dirty"] is None) if env["git_sha"] is None else isinstance(env["git_dirty"], bool)
     assert set(rec.model_state()) and rec.samples()["clean"].dtype == torch.uint8
     assert (tmp_path / "run" / "samples.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -147,18 +147,24 @@ class RunConfig:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """veil version, git sha of the source checkout (if any), torch version and device."""
-    sha = None
+    """veil version, git sha of the source checkout (if any) and whether veil's source differs from
+    it, torch version and device."""
+    sha, dirty = None, None
     src = Path(veil.__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
         if out.returncode == 0:
             sha = out.stdout.strip()
+            # uncommitted changes to veil's own source: the sha alone does not name the code that ran
+            status = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src, capture_output=True,
+                                    text=True, timeout=5)
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
     return {
         "veil_version": veil.__version__,
         "git_sha": sha,
+        "git_dirty": dirty,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

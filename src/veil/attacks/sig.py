@@ -9,6 +9,8 @@ and ``f = 6``.
 At test time the same signal is added by default. Barni et al. also test with a stronger signal
 than the one used for poisoning in some settings; ``test_delta`` sets the test-time amplitude.
 As for every clean-label attack in veil, ``poison_rate`` is the share of the target class poisoned.
+At the BadNets foundation budget the default 0.1 learned no backdoor on GTSRB or the CIFAR-10
+subset; the whole target class (``poison_rate=1.0``) did on the subset (``docs/attacks/baselines.md``).
 
 Example:
     >>> from veil.attacks import create_attack
@@ -96,8 +98,9 @@ class SIG(Attack):
         n = self.poison_count_for(train)
         return [
             f"sig is clean-label: it poisons {n} images of the target class, {n / max(len(train), 1):.2%} of the "
-            "training set; 10% of the target class (the default rate) learned no backdoor at the foundation "
-            "budget on GTSRB or the CIFAR-10 subset (docs/attacks/baselines.md)"
+            "training set; at the foundation budget 10% of the target class (the default rate) learned no "
+            "backdoor, and the whole class (--poison-rate 1.0) did on the CIFAR-10 subset but not on GTSRB "
+            "(docs/attacks/baselines.md)"
         ]
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -19,6 +19,9 @@ images are computed once, deterministically under ``seed``, and stored (noise ro
 ``cross_ratio x poison_count`` exceeds the clean rows left, every clean row is used (as a batch in
 the original would be) and a warning is logged.
 
+At the BadNets foundation budget (about 1,250 steps) the defaults learned no backdoor on GTSRB or
+the CIFAR-10 subset, with or without the random crop (``docs/attacks/baselines.md``).
+
 Example:
     >>> from veil.attacks import create_attack
     >>> attack = create_attack("wanet", 43, (3, 32, 32), target=0, k=4, s=0.5)
@@ -155,6 +158,12 @@ class WaNet(Attack):
                 images[rows] = to_uint8(quantize(self.apply_noise(x, g).clamp(0, 1)))
         log.info("wanet noise mode changed %d more training images (labels kept)", extra.numel())
         return dataclasses.replace(base, images=images, extra_indices=extra)
+
+    def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
+        return [
+            "wanet: with default options at the foundation budget (about 1,250 steps) the warp was not learned "
+            "on GTSRB or on the CIFAR-10 subset, with the random crop or without it (docs/attacks/baselines.md)"
+        ]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"noise_grid": self.noise_grid.clone(), "identity_grid": self.identity_grid.clone()}
