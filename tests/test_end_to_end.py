@@ -35,7 +35,9 @@ def test_badnets_on_real_gtsrb_subset(tmp_path, gtsrb_root, weights_dir):
     assert m["poison_count"] == 1000
     s = m["stealth"]
     assert s["linf"] >= 250 and 0 < s["lpips"] < 0.05
-    assert 15 < s["psnr"] < 40 and 0.95 < s["ssim"] < 1
+    # the 4x4 patch sits 4 px inside the corner (the default margin), inside the region SSIM's
+    # 11x11 window covers, so it costs more SSIM than veil 0.1's corner patch did (0.944 measured)
+    assert 15 < s["psnr"] < 40 and 0.92 < s["ssim"] < 1
 
 
 @pytest.fixture(scope="session")
