@@ -20,12 +20,11 @@ Stage 2 (:meth:`FrequencyAttack.apply`, eq. 4-6): per channel the spectrum at ``
 by ``A_c`` (:func:`veil.triggers.frequency.frequency_trigger`; the module explains why replacement
 and not the product as printed), then the label becomes the target (dirty label).
 
-The victim's random-crop augmentation matters (measured at CPU scale, GTSRB 32x32, PreActResNet-18
-width 16, 4 epochs, 1500 poisoned images, k = 2, delta_p = 0.6): with veil's default crop (4-pixel
-padding) the backdoor is not learned (ASR 0.007), without it (``--no-base-augment``) it is (ASR above
-0.99 by epoch 3). The trigger is a fixed-phase cosine; a shifted copy is a different pixel pattern,
-and at this norm the network learns the fixed-phase one within the epoch budget but not a
-shift-invariant detector. The paper does not state its training augmentation.
+The victim's random crop shifts the trigger, and a shifted fixed-phase cosine is another pixel
+pattern: ``veil run`` says so in its log when the crop is on, and the measured recipes train the
+victim and the reference without it (``--no-base-augment``). The paper does not state its training
+augmentation. What was measured (success rate over reference seeds, the crop, the trigger's cost
+and its JPEG survival) is in ``docs/attacks/frequency.md``.
 
 Example:
     >>> from veil.attacks import create_attack
@@ -72,27 +71,20 @@ class FrequencyConfig(AttackConfig):
     Attributes:
         k: number of selected frequencies, counted as conjugate pairs (2: 4 DFT entries). The
             paper does not print its ``k``. Replacing a component first deletes the image's own
-            content there, and on GTSRB the sensitive (mid) frequencies carry content: deleting it
-            costs a mean L2 norm of 0.26 / 0.37 / 0.49 / 0.64 for k = 1 / 2 / 3 / 6 (measured,
-            preact_resnet18 heatmap), so at a fixed ``delta_p`` a larger ``k`` leaves less of the
-            budget for the values ``A_c`` themselves (k = 6 cannot even meet delta_p = 0.6).
-            k = 2 keeps ``|A_R|`` ~ 0.18, about twice the typical natural magnitude there.
+            content there, and on GTSRB the sensitive (mid) frequencies carry content, so at a
+            fixed ``delta_p`` a larger ``k`` leaves less of the budget for the values ``A_c``
+            themselves (the cost per ``k`` is measured in ``docs/attacks/frequency.md``).
         delta_p: bound on the mean L2 norm of the quantised perturbation over the poisoned training
             images, on the ``[0, 1]`` scale (section 5.2: ``delta_P < 1``). 0.6 is a root-mean-square
-            change of 2.75 grey levels on 32x32x3 images; measured on GTSRB with k = 2: PSNR 39.8 dB,
-            SSIM 0.982 (0.8 gives PSNR 36.9-37.9 dB and SSIM ~0.965-0.98).
+            change of 2.75 grey levels on 32x32x3 images.
         channel_ratios: ``A_c = s * channel_ratios[c]``: one value per channel, same scale,
             different sign and size per channel (eq. 3 and "values within an additive mask are the
             same but different from the other masks"); at least one per image channel, distinct.
-            The colour of the trigger decides how it survives JPEG (measured on GTSRB test images,
-            2 pairs at (-6, 3) and (-6, 4), delta_p 0.6; share of the trigger's spectrum at ``M``
-            left after JPEG): the default chromatic trigger (R and G of opposite sign) keeps 64 / 56
-            / 55 / 53 % at quality 95 / 90 / 80 / 70, because JPEG subsamples and coarsely
-            quantises the chroma channels; a luminance-aligned one, ``(1.0, 0.8, 0.6)``, keeps 99 /
-            99 / 98 / 96 %. The default is learned faster without augmentation (ASR 0.97 against
-            0.81 at 1500 poisoned images, 4 epochs) and, like the paper's trigger, breaks under
-            JPEG; ``(1.0, 0.8, 0.6)`` is the one to combine with ``--augment jpeg`` (section 5.4):
-            with the default, JPEG augmentation keeps the backdoor from being learned (ASR 0.11).
+            The colour of the trigger decides how it survives JPEG, which subsamples and coarsely
+            quantises the chroma channels: the default chromatic trigger (R and G of opposite
+            sign) keeps less of itself through JPEG than a luminance-aligned one,
+            ``(1.0, 0.8, 0.6)``, which is the one to combine with ``--augment jpeg`` (section
+            5.4). The survival per quality is measured in ``docs/attacks/frequency.md``.
         reference_run: folder of a finished clean run whose model is ``f_0``. Its heatmap is
             cached in ``REFERENCE_RUN/analysis/`` (:meth:`FrequencyAttack.heatmap_cache_path`),
             so the points of a sweep, or a resumed run, compute it once.
@@ -101,7 +93,7 @@ class FrequencyConfig(AttackConfig):
         reference_model, reference_width, reference_epochs: when neither ``heatmap_path`` nor
             ``reference_run`` is given, :meth:`FrequencyAttack.fit` trains ``f_0`` on the clean
             training set with veil's :class:`veil.train.Trainer` (``preact_resnet18``, width 16,
-            4 epochs: veil's CPU-scale recipe, 96 % clean accuracy on GTSRB).
+            4 epochs: veil's CPU-scale recipe).
         heatmap_images: seeded sample of training images the heatmap is computed on (512).
         alpha: L2 norm of the heatmap's basis perturbation (4, Yin et al. 2019).
         calibration_images: most training images the norm bound is calibrated on: the rows the
