@@ -14,8 +14,8 @@ which on natural images with flips left no backdoor (CIFAR-10 subset, 16 epochs:
 patterns in the bottom-right corner and its traffic-sign triggers on the sign itself, without a
 distance to the border; veil reads "bottom-right, inside what a crop keeps". ``veil run`` says in
 its log when a chosen margin lets the crop cut the patch. BackdoorBench's all-white 3x3 square
-(``pattern="white"``) is invisible on the bright backgrounds of many GTSRB photos (measured with
-``margin=0``: 88.8 % attack success rate, the misses with a mean corner brightness of 201/255
+(``pattern="white"``) is invisible on the bright backgrounds of many GTSRB photos (measured on
+veil 0.1's build with ``margin=0``, not re-measured since: 88.8 % attack success rate, the misses with a mean corner brightness of 201/255
 against 52 for the hits); the checkerboard holds a white and a black pixel on any background.
 ``pattern="random"`` with ``patch_size=6`` gives the 6x6 colourful square of the multinomial paper.
 
