@@ -12,31 +12,19 @@ Bad input prints one line ``veil: error: ...`` and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from veil.errors import VeilError
+from veil.experiment import seed_everything
+from veil.options import parse_option
 from veil.train import SCHEDULES
 
 log = logging.getLogger("veil")
-
-
-def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
-    """``NAME=VALUE`` -> ``(name, value)``, the value read as a Python literal when it is one."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"{what} {text!r} must look like NAME=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        parsed: Any = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
 
 
 def _attack_option(text: str) -> tuple[str, Any]:
@@ -86,7 +74,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace) -> Any:
-    from veil.experiment import RunConfig
+    from veil.runs import RunConfig
 
     return RunConfig(
         attack=args.attack,
@@ -122,19 +110,6 @@ def _run_config(args: argparse.Namespace) -> Any:
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the global RNGs and ask for deterministic kernels (the CLI's entry point only)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
 
 
 def _fmt(value: Any, spec: str) -> str:

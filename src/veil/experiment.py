@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import time
 import dataclasses
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,13 @@ import torch
 
 import veil
 from veil import records as rec
-from veil.attacks import ATTACKS, Attack, create_attack
-from veil.data import ImageDataset, PoisonedDataset, load_dataset, stratified_subset, to_float
+from veil.attacks import Attack
+from veil.data import ImageDataset, to_float
 from veil.data.augment import CROP_PADDING
-from veil.data.datasets import DATASETS
-from veil.errors import ConfigError, RecordError
+from veil.errors import RecordError
 from veil.metrics import accuracy, stealth_metrics
-from veil.models import MODELS, create_model
+from veil.models import create_model
+from veil.runs import LoadedRun, RunConfig, create_run_attack, load_run, load_run_data  # noqa: F401  (re-exported)
 from veil.train import TrainConfig, Trainer, predict, resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,112 +37,17 @@ log = logging.getLogger(__name__)
 _RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download"}
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run (written to ``config.json``).
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs and ask for deterministic kernels (once per run, before it starts)."""
+    import random
 
-    Attributes:
-        attack: registered attack name (``none`` for a clean reference model).
-        dataset: registered dataset name.
-        model: registered model name.
-        out: run folder.
-        data_root: dataset folder (not needed for ``gtsrb_sample``).
-        width: model base width (``None``: the architecture's default).
-        image_size: square image side.
-        epochs, batch_size, lr, weight_decay, schedule, anneal_fraction, optimizer: training (see
-            :class:`TrainConfig`).
-        poison_rate: share of the training set poisoned, in (0, 1].
-        poison_count: absolute poisoned count (overrides ``poison_rate``).
-        target: target label.
-        mode: ``all2one`` or ``all2all``.
-        all_targets: poison towards every label at once (attacks with an ``all_targets`` option,
-            e.g. ``multinomial``); the attack's ASR set then covers every label.
-        seed: seed of everything random in the run.
-        attack_options: attack-specific options (see each attack's ``Config``).
-        augment: extra training augmentation of the (poisoned) training images, e.g. ``jpeg``,
-            ``autoencoder`` or ``jpeg+autoencoder`` (see :mod:`veil.augment`).
-        base_augment: the trainer's standard augmentation (random crop with 4-pixel padding, plus
-            horizontal flips where the dataset allows them). ``False`` trains on the images as
-            they are, which some papers' victims do and which decides whether shift-sensitive
-            triggers (the ``frequency`` attack's fixed-phase cosines) are learned at CPU scale.
-        train_subset, test_subset: stratified subset sizes for CPU-scale runs.
-        stealth_samples: test images the stealth metrics are averaged over.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        lpips_weights: folder with ``alexnet_imagenet_features.pth`` for offline LPIPS.
-        init_from: a finished run whose classifier and attack weights (trigger generator) this
-            run starts from instead of a fresh initialisation, to train a finished run further
-            (optimiser state and schedule start afresh). Its attack, dataset, model, width and
-            image size must be this run's.
-    """
+    import numpy as np
 
-    attack: str
-    dataset: str
-    model: str
-    out: str
-    data_root: str | None = None
-    width: int | None = None
-    image_size: int = 32
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    anneal_fraction: float = 0.25
-    optimizer: str = "sgd"
-    poison_rate: float = 0.1
-    poison_count: int | None = None
-    target: int = 0
-    mode: str = "all2one"
-    all_targets: bool = False
-    seed: int = 0
-    attack_options: dict[str, Any] = field(default_factory=dict)
-    augment: str | None = None
-    base_augment: bool = True
-    train_subset: int | None = None
-    test_subset: int | None = None
-    stealth_samples: int = 1000
-    device: str = "auto"
-    download: bool = False
-    cache_dir: str | None = None
-    lpips_weights: str | None = None
-    init_from: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Check names and ranges that can be checked without loading data."""
-        ATTACKS.get(self.attack)
-        MODELS.get(self.model)
-        DATASETS.get(self.dataset)
-        if self.poison_count is None and not (0.0 < self.poison_rate <= 1.0):
-            raise ConfigError(f"poison rate {self.poison_rate} is outside (0, 1]")
-        if self.poison_count is not None and self.poison_count <= 0:
-            raise ConfigError(f"poison count must be positive, got {self.poison_count}")
-        if self.target < 0:
-            raise ConfigError(f"target label {self.target} is negative")
-        if self.image_size < 8:
-            raise ConfigError(f"image size {self.image_size} is too small")
-        for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset)):
-            if v is not None and v <= 0:
-                raise ConfigError(f"{name} must be positive, got {v}")
-        TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            schedule=self.schedule,
-            anneal_fraction=self.anneal_fraction,
-            optimizer=self.optimizer,
-        )
-        if self.augment:
-            from veil.augment import parse_augment
-
-            parse_augment(self.augment)
-        from veil.models import model_class
-
-        model_class(self.model).check_image_size(self.image_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -218,17 +122,6 @@ def json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _load_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
-    kw = dict(image_size=config.image_size, download=config.download, cache_dir=config.cache_dir)
-    train = load_dataset(config.dataset, config.data_root, "train", **kw)
-    test = load_dataset(config.dataset, config.data_root, "test", **kw)
-    if config.train_subset:
-        train = stratified_subset(train, config.train_subset, seed=config.seed)
-    if config.test_subset:
-        test = stratified_subset(test, config.test_subset, seed=config.seed)
-    return train, test
-
-
 def _lpips_model(config: RunConfig, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
     from veil.metrics.lpips import load_lpips
 
@@ -254,9 +147,9 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     record.write_json(rec.ENVIRONMENT, environment(device))
 
     t0 = time.perf_counter()
-    train, test = _load_data(config)
+    train, test = load_run_data(config)
     data_seconds = time.perf_counter() - t0
-    attack = _create_attack(config, train.num_classes, train.image_shape)
+    attack = create_run_attack(config, train.num_classes, train.image_shape)
     notes = attack.training_notes(train, CROP_PADDING if config.base_augment else 0, train.hflip and config.base_augment)
     for note in notes:
         log.warning("%s", note)
@@ -430,25 +323,6 @@ def _init_from_run(
     log.info("initialised the classifier%s from %s", " and the attack" if attack_state else "", root)
 
 
-def _create_attack(config: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> Attack:
-    """The run's attack; ``all_targets`` is passed only when set (attacks without the option
-    then refuse it)."""
-    options = dict(config.attack_options)
-    if config.all_targets:
-        options["all_targets"] = True
-    return create_attack(
-        config.attack,
-        num_classes,
-        image_shape,
-        target=config.target,
-        mode=config.mode,
-        poison_rate=config.poison_rate,
-        poison_count=config.poison_count,
-        seed=config.seed,
-        **options,
-    )
-
-
 def _write_attack_outputs(record: rec.RunRecord, attack: Attack) -> None:
     """The attack's figures and tables into ``RUN/figures`` and ``RUN/tables``."""
     for name, png in attack.figures().items():
@@ -463,63 +337,3 @@ def _asr(model: torch.nn.Module, poisoned_test: ImageDataset, amp: bool = True) 
     if len(poisoned_test) == 0:
         return float("nan")
     return accuracy(predict(model, poisoned_test.images, amp=amp), poisoned_test.labels)
-
-
-@dataclass
-class LoadedRun:
-    """A finished run brought back from its record: what defenses and analyses start from.
-
-    Attributes:
-        record: the run folder.
-        config: the run's :class:`RunConfig`.
-        model: the trained classifier, in eval mode on ``device``.
-        attack: the attack with its trigger restored from ``attack.safetensors``.
-    """
-
-    record: rec.RunRecord
-    config: RunConfig
-    model: torch.nn.Module
-    attack: Attack
-
-    def data(self, data_root: str | None = None, cache_dir: str | None = None) -> tuple[ImageDataset, ImageDataset]:
-        """The run's training and test sets (same subsets as the run; ``data_root`` overrides the
-        recorded folder, e.g. on another machine)."""
-        config = self.config
-        if data_root is not None or cache_dir is not None:
-            config = dataclasses.replace(
-                config, data_root=data_root or config.data_root, cache_dir=cache_dir or config.cache_dir
-            )
-        return _load_data(config)
-
-    def poisoned_train(self, train: ImageDataset) -> PoisonedDataset:
-        """The training set as the attack poisoned it (recorded poison indices)."""
-        idx = torch.tensor(self.record.poison_indices()["poison"], dtype=torch.long)
-        return self.attack.poison(train, indices=idx) if idx.numel() else self.attack.poison(train)
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load a finished run's configuration, classifier weights and attack trigger.
-
-    Raises:
-        RecordError: the folder is missing or holds no finished run.
-        CheckpointError: the weights file is missing, truncated or corrupted.
-    """
-    record = rec.RunRecord(run_dir).require()
-    raw = record.config()
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in raw.items() if k in fields})
-    dev = resolve_device(device)
-    state = record.model_state()  # raises CheckpointError when missing or corrupted
-    num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else None
-    if num_classes is None:
-        raise RecordError(f"{record.path(rec.MODEL)} holds no classifier head")
-    model = create_model(config.model, num_classes=num_classes, image_size=config.image_size, width=config.width)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise RecordError(f"{record.path(rec.MODEL)} does not match model {config.model!r} ({exc})") from exc
-    model.to(dev).eval()
-    in_channels = int(getattr(model, "in_channels", 3))
-    attack = _create_attack(config, num_classes, (in_channels, config.image_size, config.image_size))
-    attack.load_state_dict(record.attack_state())
-    return LoadedRun(record=record, config=config, model=model, attack=attack)

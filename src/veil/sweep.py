@@ -1,6 +1,6 @@
 """``veil sweep``: run a grid of ``veil run`` configurations from one small YAML file.
 
-A sweep file names a base configuration (any :class:`veil.experiment.RunConfig` field, spelled as
+A sweep file names a base configuration (any :class:`veil.runs.RunConfig` field, spelled as
 the ``veil run`` option with ``_`` for ``-``), the values to vary, and how to lay the results out,
 e.g. Table 3 of Hammoud & Ghanem (2021) -- rows are poison counts ``|I_P|``, one column group
 (clean data accuracy, attack success rate) per architecture::
@@ -78,7 +78,7 @@ from typing import Any
 
 from veil import records as rec
 from veil.errors import ConfigError, VeilError
-from veil.experiment import RunConfig
+from veil.runs import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -962,7 +962,7 @@ def run_sweep(
     """Run every point of ``sweep`` and write the results table and report.
 
     Each point runs like ``veil run``: global RNGs seeded with the point's seed
-    (:func:`veil.cli.seed_everything`), then :func:`veil.experiment.run_experiment`. Points whose
+    (:func:`veil.experiment.seed_everything`), then :func:`veil.experiment.run_experiment`. Points whose
     folder holds a finished run are skipped (unless ``overwrite``); interrupted ones resume from
     their checkpoint.
 
@@ -981,8 +981,7 @@ def run_sweep(
         Exception: without ``keep_going``, an error that is not a :class:`VeilError` (a bug, or
             running out of memory) propagates after the table of finished points is written.
     """
-    from veil.cli import seed_everything  # lazy: veil.cli imports this module
-    from veil.experiment import run_experiment
+    from veil.experiment import run_experiment, seed_everything
 
     points = sweep.points()
     sweep.check_inputs()

@@ -193,22 +193,23 @@ class FrequencyAttack(Attack):
         elif c.reference_run is not None and (cache := self.heatmap_cache_path(train)) is not None and cache.is_file():
             heat, source = load_heatmap(cache), f"heatmap of reference run {c.reference_run} cached in {cache}"
         elif c.reference_run is not None:
-            from veil.experiment import load_run
+            from veil.models.loading import load_classifier
+            from veil.train import resolve_device
 
-            run = load_run(c.reference_run, device=device)
-            if run.config.image_size != self.image_shape[1]:
+            model, ref_config = load_classifier(c.reference_run, device=resolve_device(device))
+            if ref_config.get("image_size", 32) != self.image_shape[1]:
                 raise ConfigError(
-                    f"reference run {c.reference_run} was trained on {run.config.image_size}px images, the attack "
-                    f"is for {self.image_shape[1]}px"
+                    f"reference run {c.reference_run} was trained on {ref_config.get('image_size', 32)}px images, the "
+                    f"attack is for {self.image_shape[1]}px"
                 )
-            head = getattr(run.model, "head", None)
+            head = getattr(model, "head", None)
             if isinstance(head, nn.Linear) and head.out_features != self.num_classes:
                 raise ConfigError(
                     f"reference run {c.reference_run} has {head.out_features} classes, the training set {self.num_classes}"
                 )
-            if run.config.dataset != train.name:
-                log.warning("reference run %s was trained on %r, poisoning %r", c.reference_run, run.config.dataset, train.name)
-            heat, source = self._heatmap_of(run.model, train, device), f"reference run {c.reference_run}"
+            if ref_config.get("dataset") != train.name:
+                log.warning("reference run %s was trained on %r, poisoning %r", c.reference_run, ref_config.get("dataset"), train.name)
+            heat, source = self._heatmap_of(model, train, device), f"reference run {c.reference_run}"
             self._cache_heatmap(self.heatmap_cache_path(train), heat)
         else:
             heat, source = self._heatmap_of(self._train_reference(train, device), train, device), "trained f_0"

@@ -30,103 +30,11 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
   attack success rate (Figure 3) and the feature-space distance between malicious images and the
   clean target-class images (section 3.4; ``alpha=0`` is the ablation of section 4.4).
 
-* **Scale** (measured, see ``scripts/probe_trigger_learnability.py``): a one-grey-level change
-  stands out only where the image is locally flat. GTSRB resized to 128x128 (the paper) is
-  smooth (median 2,935 of 47,628 interior sub-pixels per image have four neighbours of exactly
-  their value); at 32x32 it is not (median 6-9 of 2,700). At 32x32 even a *fixed* +-1 pattern
-  takes a victim hundreds of steps to learn: a 50 % checkerboard pattern was learned in the 7th
-  epoch of an 8,000-image subset (about 440 steps), a 2 % one not in 15 epochs. Until the victim
-  detects the trigger, the malicious copies are label noise towards the target; with the
-  paper's ``beta`` schedule squeezed into a few epochs the generator then shrinks the trigger
-  to nothing and the co-training settles at "answer the target about half the time"
-  (``clean_target_rate`` in :meth:`evaluate` exposes it). With ``beta=0`` the co-trained
-  trigger (dense) is being learned at 32x32 after 6 epochs of 8,000 images, and at 128x128 it
-  is learned in 2 epochs of 2,000. So on a short budget, let the victim learn the dense trigger
-  before the changed-pixel loss bites, then raise ``beta`` faster than the paper does: start it
-  64 times lower (``beta=0.0015625``) and double it every half epoch (``beta_period=6.875`` of
-  the 110-epoch reference, for an 8-epoch run), held at ``beta_max=25.6``, with the generator's
-  Adam rate at ``lr=3e-3`` (``examples/sweeps/multinomial_gtsrb32_ablation.yaml``). Measured on
-  full GTSRB at 32x32 (2 cores, 26.6 min of training): ASR 0.962 (0.039 without the trigger),
-  L-inf 1, 1.30 % changed sub-pixels (L1 0.0130), clean accuracy 0.925, 4.8 points below the
-  clean model trained the same way (0.973); 80 % of the extra errors are clean images put in the
-  target class, since the victim barely tells them from triggered ones. The changed share follows
-  ``beta``: doubled every 0.6 epochs and held at 3.2, the same run ends at 6.5 % with ASR 0.994
-  and clean accuracy 0.951; a ``beta`` 8 times higher from the start (0.0125, cosine rate) shrank
-  the trigger before it was learned (ASR 0.42 after 2 epochs, no backdoor). The paper's
-  schedule squeezed into 5 epochs gave no backdoor either. Annealing the classifier's rate over
-  the last quarter (``--schedule anneal``) with ``beta`` doubled every 0.45 epochs
-  (``beta_period=6.1875``) gave ASR 0.956, 1.10 % changed sub-pixels and clean accuracy 0.931
-  against 0.974 for the clean model trained that way: annealing helps both models, so the gap
-  stays (4.3 points). Freezing the generator for the last epoch (``settle_fraction=0.125``,
-  ``beta_period=5.5``) did not close it: ASR 0.956, 0.99 % changed, clean accuracy 0.912 with
-  6.5 % of clean non-target images answered as the target (0.931 and 4.7 % without the frozen
-  epoch): trained on the exact, small trigger, the victim flags more clean images. Malicious
-  copies of half the rows (``poison_rate=0.5``, v5's recipe otherwise) did worse too: ASR
-  0.930, clean accuracy 0.898, 8.0 % of clean images answered as the target. The false
-  positives are mostly bright images, where natural pixel noise hides a one-grey-level change:
-  in the annealed run 8-9 % of the clean non-target test images with a mean above 100 grey
-  levels were answered as the target, under 1 % of those with a mean below 30 (whose triggered
-  copies also hit the target more often: ASR 0.99 against 0.91-0.93). Spending the whole 2 %
-  allowance helps: with ``L_num`` stopped at a budget (``num_budget=0.018``), ``beta`` doubled
-  every 0.45 epochs (``beta_period=5.5`` of 9 epochs) and 9 annealed epochs (27.8 min of
-  training on 2 cores, the trainer in the channels-last layout), the victim reached ASR 0.986
-  with 1.74 % changed sub-pixels and clean accuracy 0.939, 2.7 % of clean images answered as the
-  target (the clean model trained the same way: 0.973). The early race between the victim
-  learning the dense trigger and the generator is fragile: the same recipe on one thread
-  instead of two had clean accuracy 0.549 and ASR 0.723 after 3 epochs, against 0.926 and 0.995
-  (runs on a fixed thread count repeat exactly). Halving ``CE(malicious)`` for the last quarter
-  only (``malicious_weight=0.5``, ``malicious_weight_from=0.75``; the same run until then) traded
-  success rate for clean accuracy: ASR 0.976, 1.70 % changed sub-pixels (L1 0.0170, L-inf 1),
-  clean accuracy 0.946 (2.7 points below the clean model), 2.1 % of clean images answered as
-  the target, 27.2 min of training; a quarter (``malicious_weight=0.25``) gave ASR 0.962, 1.56 %
-  changed, clean accuracy 0.948 (2.4 points below), 1.8 % of clean images in the target class,
-  26.5 min. Down-weighting ``CE(malicious)`` (``malicious_weight=0.5``) from the first step
-  delayed the dense trigger's learning (ASR 0.16 and 0.85 after 1 and 2 epochs against 0.88 and
-  0.998) and, with straight-through training samples as well, stopped it (ASR 0.08 after 2
-  epochs, the generator shrinking the unlearned trigger); both runs were stopped there.
-  SampleNet explains part of the train/test gap the straight-through option closes: where
-  ``P = 0`` its soft sample still exceeds 0.1 grey levels on 1.2 % of the sub-pixels, as many
-  as a 1 % trigger changes. Two options move the trade-off itself rather than along it
-  (measured on runs resumed from the checkpoints of one run of the recipe above, stopped at step
-  4,078 or 2,652 of 5,517; runs on a fixed thread count repeat exactly, and a resumed run goes on
-  as the whole run would; all with ``malicious_weight=0.5`` from 0.75 unless said): the
-  generator's rate following the classifier's annealing (``generator_schedule="trainer"``) gave
-  ASR 0.976 and clean accuracy 0.950; random +-1 noise of the trigger's density on half the
-  benign rows from 0.75 (``noise_negatives=0.5``, ``noise_negatives_from=0.75``) gave 0.976 and
-  0.950, 1.7 % of clean images in the target class against 2.1 %; both, 0.978 and 0.951; noise
-  on every benign row, 0.972 and 0.944. With both and the noise from half-way
-  (``noise_negatives_from=0.5``) the clean accuracy was higher already after epochs 6 and 7
-  (0.927 and 0.940 against 0.892 and 0.909 without) and ended at 0.954 with ASR 0.979: the
-  non-target errors fell to 2.8 % (the clean model's: 2.7 %), 1.8 % of clean images answered as
-  the target. The same with ``malicious_weight=0.25``: ASR 0.970, clean accuracy 0.9577 (190
-  test images, 1.50 points, below the clean model's 0.9728), 1.44 % of clean images in the
-  target class, 1.70 % changed sub-pixels (L1 0.0170, L-inf 1), 26.5 min of training (the sum of
-  the epochs' times). With ``malicious_weight=0.125``: ASR 0.960, clean accuracy 0.960 (1.27
-  points below the clean model), 1.1 % of clean images in the target class, 1.71 % changed
-  sub-pixels (L1 0.0171, L-inf 1), 25.9 min of training
-  (``examples/sweeps/multinomial_gtsrb32_cpu.yaml``). The paper trains 110 epochs at batch 16
-  (about 270,000 steps).
-* **All targets**: at initialisation every label's map is the same noise, so copying each image
-  towards a few random labels teaches nothing (``targets_per_image=2``: per-label ASR 0.05 after
-  690 steps); copying it towards every label (the default, as the authors' code does) lets the
-  triggers separate. On the 10-class GTSRB subset at 32x32 (``beta=0``, batch 32, constant
-  Adam rate) the mean per-label ASR was 0.55, 0.73, 0.78, 0.80, 0.84 after each of 5 epochs,
-  every label but one between 0.81 and 0.95. When the labels separate is fragile: the same
-  4,000-image run reached 0.64 after 3 epochs on one thread and 0.07 on two. The two runs'
-  malicious losses after epoch 1 agree to three digits (2.46); only the floating-point
-  summation order differs. Two more epochs from that run (``--init-from``, cosine rate) raised
-  the mean to 0.871 (clean accuracy 0.905), nine labels at 0.88 to 0.96 and label 6 at 0.34.
-  What the generator learned explains label 6: with ``beta=0`` every map saturates (each
-  sub-pixel gets ``P = 0.5`` for one sign and 0 for the other), and the labels' sign patterns
-  are horizontal bands along one colour axis (red and blue against green), one band layout
-  per label; label 6 got the layout without bands, a uniform tint of half a grey level on
-  average, which natural colour differences between photos drown out (``per_label_tint_share``
-  0.997 for label 6, at most 0.022 for the others). Two more epochs from there with the tint
-  penalty (``tint_weight=10``, cosine rate) moved label 6 off the tint (share 0.000) and gave
-  a mean per-label ASR of 0.939, every label between 0.900 and 0.953, clean accuracy 0.938,
-  0.6 % of the ASR set's clean images in their target class, L-inf 1 and 49 % changed
-  sub-pixels (``beta=0``). Whether the penalty from the first step avoids the tint in one run
-  is not measured.
+* **Scale**: at 32x32 on a CPU budget the paper's ``beta`` schedule shrinks the trigger before
+  the victim learns it; the options that are not in the paper (``num_budget``,
+  ``noise_negatives``, ``malicious_weight``, ``generator_schedule``, ``tint_weight``) and the
+  measurements behind them are in ``docs/attacks/multinomial.md``; the recipe is
+  ``examples/sweeps/multinomial_gtsrb32_cpu.yaml``.
 
 Example:
     >>> from veil.attacks import create_attack
@@ -222,8 +130,9 @@ class MultinomialConfig(AttackConfig):
             trades attack success rate for clean accuracy. Only with ``cls_weighting="per_set"``.
         malicious_weight_from: share of the training steps after which ``malicious_weight``
             applies; before it the weight is 1. Measured at 32x32: a weight of 0.5 from the first
-            step delayed the victim's learning of the dense trigger (see "Scale" in the module
-            notes), so the shift belongs at the end, once the trigger is learned.
+            step delayed the victim's learning of the dense trigger (see
+            docs/attacks/multinomial.md), so the shift belongs at the end, once the trigger is
+            learned.
         num_budget: share of changed sub-pixels that ``L_num`` leaves free (not in the paper; 0
             by default): ``L_num`` becomes ``max(0, share - num_budget)`` over the batch, so a
             rising ``beta`` shrinks the trigger down to the budget and no further. The paper's
@@ -252,7 +161,7 @@ class MultinomialConfig(AttackConfig):
             to train). ``0`` (the paper): co-training to the last step. Not in the paper: a
             CPU-scale budget ends while the trigger is still shrinking, and the classifier's last
             steps then chase a moving, SampleNet-approximated trigger. Measured at 32x32 it
-            lowered clean accuracy (see "Scale" in the module notes).
+            lowered clean accuracy (see docs/attacks/multinomial.md).
         generator_schedule: the generator's Adam rate over training. ``"constant"`` (the paper:
             ``lr`` throughout); ``"trainer"`` (not in the paper): ``lr`` times the classifier's
             schedule factor at each step (its current rate over its base rate), so with
@@ -265,7 +174,7 @@ class MultinomialConfig(AttackConfig):
             modification probability in the batch, so it changes as many sub-pixels as the
             trigger does but without its image-dependent layout. A victim that answers the
             target for any faint noise also does for clean photos whose own pixel noise looks
-            like it (bright images at 32x32, see "Scale" in the module notes); these negatives
+            like it (bright images at 32x32, see docs/attacks/multinomial.md); these negatives
             make it tell the generator's trigger from noise (as WaNet's noise mode does for its
             warps).
         noise_negatives_from: share of the training steps after which ``noise_negatives``

@@ -1,6 +1,6 @@
 """The defense API: detectors and mitigators on two base classes, registered by name.
 
-A defense reads a finished run (:func:`veil.experiment.load_run`: the trained model, the attack
+A defense reads a finished run (:func:`veil.runs.load_run`: the trained model, the attack
 with its trigger, the run's data) and returns a frozen result:
 
 * a :class:`Mitigator` (input pre-processing such as JPEG or an autoencoder, fine-pruning, ...)
@@ -47,7 +47,7 @@ from veil.records import atomic_write_json, read_json
 from veil.registry import Registry
 
 if TYPE_CHECKING:
-    from veil.experiment import LoadedRun
+    from veil.runs import LoadedRun
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def run_defense(
         RecordError, CheckpointError: the run folder is missing, unfinished or has no weights.
     """
     from veil.data import stratified_subset
-    from veil.experiment import load_run
+    from veil.runs import load_run
 
     defense = create_defense(name, progress=progress, **options)
     if test_subset is not None and test_subset <= 0:

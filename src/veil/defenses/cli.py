@@ -35,7 +35,7 @@ def _qualities(text: str) -> tuple[int, ...]:
 
 
 def _option(text: str) -> tuple[str, Any]:
-    from veil.cli import parse_option
+    from veil.options import parse_option
 
     return parse_option(text, "defense option")
 

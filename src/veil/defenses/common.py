@@ -26,7 +26,7 @@ from veil.defenses.base import model_device
 from veil.errors import ConfigError
 
 if TYPE_CHECKING:
-    from veil.experiment import LoadedRun
+    from veil.runs import LoadedRun
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def reference_model(loaded: LoadedRun, path: str) -> nn.Module:
         ConfigError: the reference was trained on another dataset or image size.
         RecordError, CheckpointError: the folder holds no finished run or no weights.
     """
-    from veil.experiment import load_run
+    from veil.runs import load_run
 
     ref = load_run(path, device=model_device(loaded.model))
     a, b = ref.config, loaded.config

@@ -55,7 +55,7 @@ from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
-    from veil.experiment import LoadedRun
+    from veil.runs import LoadedRun
 
 log = logging.getLogger(__name__)
 

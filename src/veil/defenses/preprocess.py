@@ -44,7 +44,7 @@ from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
-    from veil.experiment import LoadedRun
+    from veil.runs import LoadedRun
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class JpegDefense(Mitigator):
         )
 
     def _reference_model(self, loaded: LoadedRun) -> torch.nn.Module:
-        from veil.experiment import load_run
+        from veil.runs import load_run
 
         assert self.config.reference is not None
         ref = load_run(self.config.reference, device=model_device(loaded.model))

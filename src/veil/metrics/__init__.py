@@ -3,9 +3,10 @@
 - :mod:`veil.metrics.classification`: :func:`accuracy`, :func:`attack_success_rate`,
   :func:`per_label_success_rate`.
 - :mod:`veil.metrics.image`: MSE, PSNR and SSIM on the 0-255 scale, L1, L-infinity, the
-  modification histogram of Zhong et al. (IJCAI 2022) and :func:`stealth_metrics`, which gathers
-  them all into a JSON-serialisable dict.
+  modification histogram of Zhong et al. (IJCAI 2022).
 - :mod:`veil.metrics.lpips`: LPIPS (alex, v0.1), loaded offline by :func:`load_lpips`.
+- :mod:`veil.metrics.stealth`: :func:`stealth_metrics`, which gathers them all into a
+  JSON-serialisable dict.
 
 Images are float tensors in ``[0, 1]`` of shape ``(B, C, H, W)`` (or one ``(C, H, W)`` image).
 """
@@ -21,9 +22,9 @@ from veil.metrics.image import (
     mse,
     psnr,
     ssim,
-    stealth_metrics,
 )
 from veil.metrics.lpips import find_lpips_backbone, load_lpips, lpips_available, lpips_distance
+from veil.metrics.stealth import stealth_metrics
 
 __all__ = [
     "accuracy",
