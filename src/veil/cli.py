@@ -31,85 +31,88 @@ def _attack_option(text: str) -> tuple[str, Any]:
     return parse_option(text, "attack option")
 
 
+def _default(name: str) -> Any:
+    """RunConfig's default of ``name``: the one place run defaults live."""
+    import dataclasses
+
+    from veil.runs import RunConfig
+
+    return {f.name: f.default for f in dataclasses.fields(RunConfig)}[name]
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attack", required=True, help="attack name (veil list); 'none' trains a clean reference")
-    p.add_argument("--dataset", required=True, help="dataset name (veil list)")
-    p.add_argument("--data-root", default=None, help="dataset folder (not needed for gtsrb_sample)")
-    p.add_argument("--model", required=True, help="model name (veil list)")
-    p.add_argument("--width", type=int, default=None, help="model base width (channels); smaller is faster")
-    p.add_argument("--image-size", type=int, default=32, help="square image side (default 32)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES,
-                   help="learning-rate schedule; anneal: constant, then cosine to 0 over the last --anneal-fraction")
-    p.add_argument("--anneal-fraction", type=float, default=0.25,
-                   help="share of the steps, at the end, over which --schedule anneal decays (default 0.25)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="classifier optimiser (default sgd)")
-    p.add_argument("--poison-rate", type=float, default=0.1, help="share of the training set poisoned, in (0, 1]")
-    p.add_argument("--poison-count", type=int, default=None, help="absolute number of poisoned images (overrides --poison-rate)")
-    p.add_argument("--target", type=int, default=0, help="target label")
-    p.add_argument("--mode", default="all2one", choices=["all2one", "all2all"])
+    """``veil run``'s flags. Their defaults are RunConfig's (shown in the help); the parser keeps
+    only the flags given (``argument_default=SUPPRESS``), so that a recipe's settings apply
+    unless a flag overrides them."""
+    d = _default
+    p.add_argument("--recipe", metavar="NAME",
+                   help="start from the named recipe (veil recipes); any other flag given overrides its setting")
+    p.add_argument("--attack", help="attack name (veil list); 'none' trains a clean reference")
+    p.add_argument("--dataset", help="dataset name (veil list)")
+    p.add_argument("--data-root", help="dataset folder (not needed for gtsrb_sample)")
+    p.add_argument("--model", help="model name (veil list)")
+    p.add_argument("--width", type=int, help="model base width (channels); smaller is faster")
+    p.add_argument("--image-size", type=int, help=f"square image side (default {d('image_size')})")
+    p.add_argument("--epochs", type=int, help=f"default {d('epochs')}")
+    p.add_argument("--batch-size", type=int, help=f"default {d('batch_size')}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
+    p.add_argument("--weight-decay", type=float, help=f"default {d('weight_decay')}")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"learning-rate schedule (default {d('schedule')}); anneal: constant, then cosine to 0 "
+                        "over the last --anneal-fraction")
+    p.add_argument("--anneal-fraction", type=float,
+                   help=f"share of the steps, at the end, over which --schedule anneal decays (default {d('anneal_fraction')})")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"classifier optimiser (default {d('optimizer')})")
+    p.add_argument("--poison-rate", type=float,
+                   help=f"share of the training set poisoned, in (0, 1] (default {d('poison_rate')})")
+    p.add_argument("--poison-count", type=int, help="absolute number of poisoned images (overrides --poison-rate)")
+    p.add_argument("--target", type=int, help=f"target label (default {d('target')})")
+    p.add_argument("--mode", choices=["all2one", "all2all"], help=f"default {d('mode')}")
     p.add_argument("--all-targets", action="store_true",
                    help="poison towards every label at once (attacks with an all_targets option, e.g. multinomial)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attack-opt", action="append", type=_attack_option, default=[], metavar="NAME=VALUE",
+    p.add_argument("--seed", type=int, help=f"default {d('seed')}")
+    p.add_argument("--attack-opt", action="append", type=_attack_option, metavar="NAME=VALUE",
                    help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6)")
-    p.add_argument("--augment", default=None, help="extra training augmentation: jpeg, autoencoder or jpeg+autoencoder")
+    p.add_argument("--augment", help="extra training augmentation: jpeg, autoencoder or jpeg+autoencoder")
     p.add_argument("--no-base-augment", dest="base_augment", action="store_false",
                    help="train without the standard random crop (4-pixel padding) and flip")
-    p.add_argument("--train-subset", type=int, default=None, help="stratified training subset size")
-    p.add_argument("--test-subset", type=int, default=None, help="stratified test subset size")
-    p.add_argument("--stealth-samples", type=int, default=1000, help="test images for PSNR/SSIM/LPIPS")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--train-subset", type=int, help="stratified training subset size")
+    p.add_argument("--test-subset", type=int, help="stratified test subset size")
+    p.add_argument("--stealth-samples", type=int, help=f"test images for PSNR/SSIM/LPIPS (default {d('stealth_samples')})")
+    p.add_argument("--out", help="run folder (required)")
+    p.add_argument("--device", help=f"auto, cpu or cuda (default {d('device')})")
     p.add_argument("--download", action="store_true", help="download the dataset and the LPIPS backbone if missing (needs a network)")
-    p.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default $VEIL_CACHE or ~/.cache/veil)")
-    p.add_argument("--lpips-weights", default=None, help="folder holding alexnet_imagenet_features.pth (or set $VEIL_WEIGHTS)")
-    p.add_argument("--init-from", default=None, metavar="RUN",
+    p.add_argument("--cache-dir", help="decoded-dataset cache (default $VEIL_CACHE or ~/.cache/veil)")
+    p.add_argument("--lpips-weights", help="folder holding alexnet_imagenet_features.pth (or set $VEIL_WEIGHTS)")
+    p.add_argument("--init-from", metavar="RUN",
                    help="start from the classifier and attack weights of the finished run RUN "
                         "(same attack, dataset, model, width and image size) to train it further")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
 
+_NOT_RUN_FIELDS = {"func", "command", "verbose", "quiet", "recipe"}
+
+
 def _run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig of ``veil run``: RunConfig's defaults, then the recipe's settings (``--recipe``),
+    then the flags given."""
+    from veil.errors import ConfigError
     from veil.runs import RunConfig
 
-    return RunConfig(
-        attack=args.attack,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        model=args.model,
-        out=args.out,
-        width=args.width,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        anneal_fraction=args.anneal_fraction,
-        optimizer=args.optimizer,
-        poison_rate=args.poison_rate,
-        poison_count=args.poison_count,
-        target=args.target,
-        mode=args.mode,
-        all_targets=args.all_targets,
-        seed=args.seed,
-        attack_options=dict(args.attack_opt),
-        augment=args.augment,
-        base_augment=args.base_augment,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        stealth_samples=args.stealth_samples,
-        device=args.device,
-        download=args.download,
-        cache_dir=args.cache_dir,
-        lpips_weights=args.lpips_weights,
-        init_from=args.init_from,
-        overwrite=args.overwrite,
-    )
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_FIELDS}
+    if "attack_opt" in given:
+        given["attack_options"] = dict(given.pop("attack_opt"))
+    if "out" not in given:
+        raise ConfigError("veil run needs --out (the run folder)")
+    recipe_name = getattr(args, "recipe", None)
+    if recipe_name is not None:
+        from veil.recipes import load_recipe
+
+        return load_recipe(recipe_name).run_config(given, out=given["out"])
+    missing = [f"--{k}" for k in ("attack", "dataset", "model") if k not in given]
+    if missing:
+        raise ConfigError(f"veil run needs {', '.join(missing)} (or --recipe NAME; veil recipes lists them)")
+    return RunConfig(**given)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -156,6 +159,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     from veil.defenses import list_defenses
 
     print("defenses: " + ", ".join(list_defenses()))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """``veil recipes``: every bundled recipe, what it stands for and what it measured."""
+    from veil.recipes import list_recipes, load_recipe
+
+    names = list_recipes(args.attack)
+    if not names:
+        print("no recipes" + (f" for attack {args.attack!r}" if args.attack else ""))
+        return 0
+    for name in names:
+        r = load_recipe(name)
+        command = "veil run" if r.kind == "run" else "veil sweep"
+        print(f"{name}  [{r.kind}, {r.scale}]  {r.stands_for}")
+        if args.long:
+            print(f"    {r.description}")
+            if r.data:
+                print(f"    --data-root: {r.data}")
+        print(f"    {command} --recipe {name} --data-root DIR --out DIR")
+        for m in r.measured:
+            print(f"    measured: {m.line()}")
+        if not r.measured:
+            print("    measured: nothing yet")
     return 0
 
 
@@ -210,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="train and evaluate one attack (or a clean reference)")
+    p = sub.add_parser("run", help="train and evaluate one attack (or a clean reference)",
+                       argument_default=argparse.SUPPRESS)
     _add_run_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -227,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-weights", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("recipes", help="named recipes (a run or sweep with the figures it measured)")
+    p.add_argument("--attack", default=None, help="only this attack's recipes")
+    p.add_argument("-l", "--long", action="store_true", help="also the description and the data each needs")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("list", help="registered datasets, models and attacks")
     p.set_defaults(func=cmd_list)

@@ -34,7 +34,7 @@ from veil.train import TrainConfig, Trainer, predict, resolve_device
 log = logging.getLogger(__name__)
 
 #: config keys that may differ between an interrupted run and its resumption
-_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download"}
+_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download", "recipe"}
 
 
 def seed_everything(seed: int) -> None:

@@ -62,6 +62,8 @@ class RunConfig:
             run starts from instead of a fresh initialisation, to train a finished run further
             (optimiser state and schedule start afresh). Its attack, dataset, model, width and
             image size must be this run's.
+        recipe: the named recipe (:mod:`veil.recipes`) this run's settings came from, if any;
+            settings given on the command line override the recipe's.
     """
 
     attack: str
@@ -97,6 +99,7 @@ class RunConfig:
     init_from: str | None = None
     overwrite: bool = False
     progress: bool = True
+    recipe: str | None = None
 
     def validate(self) -> None:
         """Check names and ranges that can be checked without loading data."""

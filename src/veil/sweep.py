@@ -101,6 +101,7 @@ RESERVED_FIELDS = {
     "out": "the sweep puts each point in OUT/<point name>; set the top-level 'out' instead",
     "overwrite": "pass --overwrite to veil sweep (or overwrite=True to run_sweep) instead",
     "progress": "it is set by veil sweep",
+    "recipe": "a recipe is run with veil sweep --recipe NAME or veil run --recipe NAME",
 }
 #: RunConfig fields holding paths (resolved against the YAML file's folder)
 PATH_FIELDS = ("data_root", "cache_dir", "lpips_weights")
