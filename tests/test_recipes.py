@@ -129,3 +129,18 @@ def test_run_from_a_recipe_records_it_and_the_overrides(tmp_path, capsys, gtsrb_
                             "--data-root", str(gtsrb_root), "--width", "8", "--epochs", "1", "--train-subset", "860",
                             "--test-subset", "215", "--stealth-samples", "16", "--out", str(out)], capsys)
     assert code == 2 and "already holds a finished run" in err
+
+
+def test_every_recipe_a_log_note_or_docstring_names_exists():
+    import re
+
+    import veil.attacks as attacks_pkg
+    from veil.attacks import ATTACKS
+
+    known = set(list_recipes())
+    pattern = re.compile(r"\b([a-z]+/[a-z0-9]+-(?:cpu|gpu)(?:-[a-z0-9]+)?)\b")
+    texts = [Path(attacks_pkg.__file__).parent.joinpath(f).read_text() for f in ("sig.py", "fiba.py", "wanet.py")]
+    named = {m for text in texts for m in pattern.findall(text)}
+    assert named, "the attacks' notes name their recipes"
+    assert named <= known, sorted(named - known)
+    assert set(ATTACKS.names()) >= {r.split("/")[0] for r in known}

@@ -12,8 +12,8 @@ Image Analysis", CVPR 2022 (arXiv:2112.01148). Per channel, eq. (2)-(4)::
 after ``fftshift``. Defaults from the paper: ``alpha = 0.15``, ``beta = 0.1``. The trigger image
 ``t`` is a seeded random smooth image (bicubically upsampled 4x4 noise) since veil ships no image,
 or ``trigger_path`` (read with PIL, resized bilinearly). At the BadNets foundation budget the
-defaults learned a backdoor on GTSRB (ASR 0.958) but not on the CIFAR-10 subset (0.137); see
-``docs/attacks/baselines.md``.
+defaults learned a backdoor on GTSRB (ASR 0.958) but not on the CIFAR-10 subset (0.137); the
+recipe ``fiba/cifar10subset-cpu`` (``alpha=0.3``) did (``docs/attacks/baselines.md``).
 
 Example:
     >>> from veil.attacks import create_attack
@@ -101,7 +101,8 @@ class FIBA(Attack):
     def training_notes(self, train: ImageDataset, crop_padding: int, hflip: bool) -> list[str]:
         return [
             "fiba: with default options at the foundation budget the backdoor was learned on GTSRB but not on "
-            "natural images (the CIFAR-10 subset; docs/attacks/baselines.md)"
+            "natural images (the CIFAR-10 subset); the recipe fiba/cifar10subset-cpu (alpha 0.3) was "
+            "(veil recipes; docs/attacks/baselines.md)"
         ]
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -10,7 +10,8 @@ At test time the same signal is added by default. Barni et al. also test with a 
 than the one used for poisoning in some settings; ``test_delta`` sets the test-time amplitude.
 As for every clean-label attack in veil, ``poison_rate`` is the share of the target class poisoned.
 At the BadNets foundation budget the default 0.1 learned no backdoor on GTSRB or the CIFAR-10
-subset; the whole target class (``poison_rate=1.0``) did on the subset (``docs/attacks/baselines.md``).
+subset; the recipes ``sig/cifar10subset-cpu`` (the whole target class, ``poison_rate=1.0``) and
+``sig/gtsrb-cpu`` (the whole of the largest class, ``test_delta=40``) did (``docs/attacks/baselines.md``).
 
 Example:
     >>> from veil.attacks import create_attack
@@ -99,8 +100,8 @@ class SIG(Attack):
         return [
             f"sig is clean-label: it poisons {n} images of the target class, {n / max(len(train), 1):.2%} of the "
             "training set; at the foundation budget 10% of the target class (the default rate) learned no "
-            "backdoor, and the whole class (--poison-rate 1.0) did on the CIFAR-10 subset but not on GTSRB "
-            "(docs/attacks/baselines.md)"
+            "backdoor; the recipes sig/cifar10subset-cpu (the whole class) and sig/gtsrb-cpu (the whole of "
+            "the largest class and a stronger test signal) did (veil recipes; docs/attacks/baselines.md)"
         ]
 
     def state_dict(self) -> dict[str, Tensor]:
