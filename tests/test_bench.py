@@ -92,3 +92,23 @@ def test_baselines_bench_refuses_an_attack_the_sweep_lacks(tmp_path) -> None:  #
     with pytest.raises(SystemExit):
         bench.main(["--set", "epochs", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_eval_bench_runs_both_evaluations_and_their_final_figures_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bench = load_script("bench/bench_eval.py")
+    out = tmp_path / "eval.json"
+    argv = ["--set", "dataset=gtsrb_sample", "--set", "width=4", "--set", "epochs=2", "--set", "train_subset=430",
+            "--set", "test_subset=215", "--set", "stealth_samples=8", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    old, new = record["runs"]
+    assert (old["eval_images"], new["eval_images"]) == ("all", "auto")
+    assert old["eval_images_during_training"] == 215 and new["eval_images_during_training"] == 43
+    assert record["same_final_figures"] is True
+    assert [c["epoch"] for c in old["curve"]] == [1, 2]
+    for r in (old, new):
+        assert r["train_seconds"] > 0 and 0 < r["eval_share_of_training"] < 10
+    assert bench.main(argv) == 0  # finished runs are read back, not retrained
+    assert json.loads(out.read_text())["runs"][0]["train_seconds"] == old["train_seconds"]
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "eval_images=all", "--out", str(tmp_path / "x.json")])

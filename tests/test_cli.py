@@ -221,3 +221,40 @@ def test_no_base_augment_turns_the_random_crop_off(tmp_path, capsys, monkeypatch
             main(["-q", "run", "--attack", "none", *SMALL, "--out", str(out), *flags])
         assert seen.pop("augment") is expected
         assert json.loads((out / "config.json").read_text())["base_augment"] is expected
+
+
+def test_evaluation_during_training_reads_a_subset_and_the_final_one_the_whole_test_set(tmp_path, capsys):
+    from veil.runs import EVAL_SHARE, RunConfig, eval_subset
+
+    runs = {}
+    for name, extra in (("all", ["--eval-images", "all"]), ("auto", []), ("n50", ["--eval-images", "50", "--eval-every", "0"])):
+        out = tmp_path / name
+        code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(out), *extra], capsys)
+        assert code == 0, err
+        runs[name] = (json.loads((out / "metrics.json").read_text()), json.loads((out / "history.json").read_text()))
+    (m_all, h_all), (m_auto, h_auto), (m_50, h_50) = runs["all"], runs["auto"], runs["n50"]
+    # veil 0.1's behaviour: the last epoch's evaluation is the final one, on all 215 test images
+    assert h_all[-1]["eval_images"] == 215 == m_all["test_size"] == m_all["eval_images_during_training"]
+    assert (m_all["clean_accuracy"], m_all["attack_success_rate"]) == (h_all[-1]["clean_accuracy"], h_all[-1]["attack_success_rate"])
+    # auto: 3 % of the 430 training images (13), at least one per class (43); the final figures
+    # are the whole test set's
+    assert h_auto[-1]["eval_images"] == m_auto["eval_images_during_training"] == max(round(EVAL_SHARE * 430 + 0.5), 43)
+    assert (m_auto["clean_accuracy"], m_auto["attack_success_rate"]) == (m_all["clean_accuracy"], m_all["attack_success_rate"])
+    assert m_50["clean_accuracy"] == m_all["clean_accuracy"] and h_50[-1]["eval_images"] == 50
+    assert [h["epoch"] for h in h_50 if "eval_images" in h] == [1]
+    assert m_auto["timings"]["test_eval_seconds"] > 0 and m_all["timings"]["eval_seconds_during_training"] > 0
+    # the subset is stratified and seeded
+    from veil.data import load_dataset
+
+    test = load_dataset("gtsrb_sample", None, "test")
+    train = load_dataset("gtsrb_sample", None, "train")
+    config = RunConfig(attack="none", dataset="gtsrb_sample", model="preact_resnet18", out="x", eval_images=430)
+    a, b = eval_subset(config, train, test), eval_subset(config, train, test)
+    assert len(a) == 430 and torch.equal(a.images, b.images) and len(set(a.labels.tolist())) == test.num_classes
+    assert eval_subset(RunConfig(attack="none", dataset="d", model="m", out="x", eval_images=10**6), train, test) is test
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(["--eval-every", "-1"], "eval_every must be 0 or more"),
+                                                 (["--eval-images", "0"], "eval_images must be 'auto', 'all' or a positive")])
+def test_bad_evaluation_settings_get_one_clear_line(tmp_path, capsys, flags, expected):
+    assert expected in error_line([*base_run(tmp_path), *flags], capsys)

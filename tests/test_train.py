@@ -259,3 +259,27 @@ def test_adam_optimizer_option():
     assert isinstance(_trainer().optimizer, torch.optim.SGD)
     with pytest.raises(ConfigError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
+
+
+@pytest.mark.parametrize(("every", "evaluated"), [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5])])
+def test_eval_every_evaluates_those_epochs_and_always_the_last(every, evaluated):
+    t = _trainer(epochs=5)
+    t.eval_every = every
+    calls = []
+    t.evaluate = lambda m: calls.append(m.training) or {"clean_accuracy": 0.5}
+    history = t.fit()
+    assert [h["epoch"] for h in history if "clean_accuracy" in h] == evaluated
+    assert [h["epoch"] for h in history if "eval_seconds" in h] == evaluated
+    assert calls == [False] * len(evaluated)  # in eval mode
+
+
+def test_eval_every_does_not_change_training():
+    a, b = _trainer(epochs=3), _trainer(epochs=3)
+    b.eval_every = 0
+    a.evaluate = b.evaluate = lambda m: {"clean_accuracy": float(predict(m, separable().images).float().mean())}
+    a.fit()
+    b.fit()
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(va, vb), ka
+    with pytest.raises(ConfigError, match="eval_every must be 0 or more"):
+        Trainer(TinyCNN(), separable(), TrainConfig(epochs=1), eval_every=-1, device="cpu")

@@ -31,6 +31,15 @@ def _attack_option(text: str) -> tuple[str, Any]:
     return parse_option(text, "attack option")
 
 
+def _eval_images(text: str) -> int | str:
+    if text in ("auto", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eval-images must be auto, all or a number, got {text!r}") from None
+
+
 def _default(name: str) -> Any:
     """RunConfig's default of ``name``: the one place run defaults live."""
     import dataclasses
@@ -78,6 +87,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="train without the standard random crop (4-pixel padding) and flip")
     p.add_argument("--train-subset", type=int, help="stratified training subset size")
     p.add_argument("--test-subset", type=int, help="stratified test subset size")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help=f"evaluate clean accuracy and success rate every N epochs during training, 0: at the end only "
+                        f"(default {d('eval_every')}); the full test set is always evaluated at the end")
+    p.add_argument("--eval-images", type=_eval_images, metavar="auto|all|N",
+                   help="test images those evaluations use: auto (3%% of the training set's size, a seeded "
+                        "stratified subset), all, or a number (default auto)")
     p.add_argument("--stealth-samples", type=int, help=f"test images for PSNR/SSIM/LPIPS (default {d('stealth_samples')})")
     p.add_argument("--out", help="run folder (required)")
     p.add_argument("--device", help=f"auto, cpu or cuda (default {d('device')})")

@@ -28,7 +28,14 @@ from veil.data.augment import CROP_PADDING
 from veil.errors import RecordError
 from veil.metrics import accuracy, stealth_metrics
 from veil.models import create_model
-from veil.runs import LoadedRun, RunConfig, create_run_attack, load_run, load_run_data  # noqa: F401  (re-exported)
+from veil.runs import (  # noqa: F401  (LoadedRun, load_run re-exported)
+    LoadedRun,
+    RunConfig,
+    create_run_attack,
+    eval_subset,
+    load_run,
+    load_run_data,
+)
 from veil.train import TrainConfig, Trainer, predict, resolve_device
 
 log = logging.getLogger(__name__)
@@ -168,14 +175,16 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         {"poison": poisoned.poison_indices.tolist(), "extra": poisoned.extra_indices.tolist(), "train_size": len(train)},
     )
 
-    static_test = attack.poison_test(test) if attack.static_poison else None
     amp = not attack.full_precision
+    eval_test = eval_subset(config, train, test)  # what the evaluations during training read
+    static_eval = attack.poison_test(eval_test) if attack.static_poison else None
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        pt = static_test if static_test is not None else attack.poison_test(test)
+        pt = static_eval if static_eval is not None else attack.poison_test(eval_test)
         return {
-            "clean_accuracy": accuracy(predict(m, test.images, amp=amp), test.labels),
+            "clean_accuracy": accuracy(predict(m, eval_test.images, amp=amp), eval_test.labels),
             "attack_success_rate": _asr(m, pt, amp),
+            "eval_images": len(eval_test),
         }
 
     train_cfg = TrainConfig(
@@ -208,18 +217,26 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         checkpoint=record.path(rec.CHECKPOINT),
         device=device,
         progress=config.progress,
+        eval_every=config.eval_every,
     )
-    t0 = time.perf_counter()
     history = trainer.fit()
     train_seconds = sum(h["seconds"] for h in history)
     record.write_json(rec.HISTORY, history)
 
+    # the whole test set, once (the last epoch's evaluation already read it when eval_images covers it)
     t0 = time.perf_counter()
     model.eval()
-    final = history[-1]
-    poisoned_test = static_test if static_test is not None else attack.poison_test(test)
-    clean_acc = final["clean_accuracy"]
-    asr = final["attack_success_rate"]
+    if eval_test is test:
+        poisoned_test = static_eval if static_eval is not None else attack.poison_test(test)
+        clean_acc, asr = history[-1]["clean_accuracy"], history[-1]["attack_success_rate"]
+    else:
+        poisoned_test = attack.poison_test(test)
+        with torch.no_grad():
+            clean_acc = accuracy(predict(model, test.images, amp=amp), test.labels)
+            asr = _asr(model, poisoned_test, amp)
+    test_eval_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
 
     # stealth on test images whose label differs from the target (as the attack would be used)
     targets = attack.target_labels(test.labels)
@@ -256,6 +273,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
         "train_size": len(train),
         "test_size": len(test),
         "asr_test_size": len(poisoned_test),
+        "eval_images_during_training": len(eval_test),
         "stealth": stealth,
         "stealth_samples": int(rows.numel()),
         **({"attack_metrics": attack_metrics} if attack_metrics else {}),
@@ -264,6 +282,8 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
             "attack_fit_seconds": fit_seconds,
             "train_seconds": train_seconds,
             "train_images_per_second": config.epochs * len(train) / max(train_seconds, 1e-9),
+            "eval_seconds_during_training": sum(h.get("eval_seconds", 0.0) for h in history),
+            "test_eval_seconds": test_eval_seconds,
             "final_eval_seconds": eval_seconds,
             "total_seconds": time.perf_counter() - t_start,
         },

@@ -23,7 +23,7 @@ from veil.models import MODELS
 from veil.models.loading import load_classifier
 from veil.train import TrainConfig, resolve_device
 
-__all__ = ["LoadedRun", "RunConfig", "create_run_attack", "load_run", "load_run_data"]
+__all__ = ["EVAL_SHARE", "LoadedRun", "RunConfig", "create_run_attack", "eval_subset", "load_run", "load_run_data"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,14 @@ class RunConfig:
             run starts from instead of a fresh initialisation, to train a finished run further
             (optimiser state and schedule start afresh). Its attack, dataset, model, width and
             image size must be this run's.
+        eval_every: epochs between the clean-accuracy / success-rate evaluations during training
+            (1: every epoch; 0: none before the end). The full test set is always evaluated once
+            training ends; that is what ``metrics.json`` reports.
+        eval_images: test images those evaluations during training use (a seeded stratified
+            subset; its ASR set is the subset's images of other labels): ``"auto"`` (3 % of the
+            training set's size, at least one image per class, so that they cost about 5 % of the training time or less, measured
+            by ``bench/bench_eval.py``), ``"all"`` (the whole test set, veil 0.1's behaviour) or a
+            number.
         recipe: the named recipe (:mod:`veil.recipes`) this run's settings came from, if any;
             settings given on the command line override the recipe's.
     """
@@ -99,6 +107,8 @@ class RunConfig:
     init_from: str | None = None
     overwrite: bool = False
     progress: bool = True
+    eval_every: int = 1
+    eval_images: int | str = "auto"
     recipe: str | None = None
 
     def validate(self) -> None:
@@ -125,6 +135,10 @@ class RunConfig:
             anneal_fraction=self.anneal_fraction,
             optimizer=self.optimizer,
         )
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 or more epochs, got {self.eval_every}")
+        if not (self.eval_images in ("auto", "all") or (isinstance(self.eval_images, int) and self.eval_images > 0)):
+            raise ConfigError(f"eval_images must be 'auto', 'all' or a positive number of test images, got {self.eval_images!r}")
         if self.augment:
             from veil.augment import parse_augment
 
@@ -147,6 +161,24 @@ def load_run_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     if config.test_subset:
         test = stratified_subset(test, config.test_subset, seed=config.seed)
     return train, test
+
+
+#: share of the training set's size that ``eval_images="auto"`` evaluates during training
+EVAL_SHARE = 0.03
+
+
+def eval_subset(config: RunConfig, train: ImageDataset, test: ImageDataset) -> ImageDataset:
+    """The test images evaluated during training (``config.eval_images``): ``test`` itself for
+    ``"all"`` or a size at least the test set's, else a seeded stratified subset."""
+    import math
+
+    if config.eval_images == "all":
+        return test
+    if config.eval_images == "auto":  # at least one image of every class
+        n = max(math.ceil(EVAL_SHARE * len(train)), int(test.labels.unique().numel()))
+    else:
+        n = int(config.eval_images)
+    return test if n >= len(test) else stratified_subset(test, n, seed=config.seed + 1)
 
 
 def create_run_attack(config: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> Attack:

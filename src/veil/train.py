@@ -233,7 +233,9 @@ class Trainer:
         train: the (possibly poisoned) training set.
         config: hyperparameters.
         hooks: training hooks (attacks that change training).
-        evaluate: called after every epoch with the model in eval mode; returns metrics.
+        evaluate: called with the model in eval mode after every ``eval_every``-th epoch and after
+            the last one; returns metrics, which go into that epoch's history record.
+        eval_every: epochs between evaluations (1: every epoch; 0: after the last epoch only).
         checkpoint: path of the resumable checkpoint (``None``: no checkpoints).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
         progress: show a progress bar.
@@ -253,7 +255,11 @@ class Trainer:
         checkpoint: str | Path | None = None,
         device: str | torch.device = "auto",
         progress: bool = True,
+        eval_every: int = 1,
     ) -> None:
+        if eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 or more epochs, got {eval_every}")
+        self.eval_every = eval_every
         self.config = config
         self.device = resolve_device(device)
         self.model = model.to(self.device)
@@ -428,7 +434,8 @@ class Trainer:
             }
             for h in self.hooks:
                 record.update(h.on_epoch_end(self, epoch))
-            if self.evaluate is not None:
+            last = epoch + 1 == cfg.epochs
+            if self.evaluate is not None and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
                 self.model.eval()
                 t_eval = time.perf_counter()
                 with torch.no_grad():
