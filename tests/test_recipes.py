@@ -144,3 +144,37 @@ def test_every_recipe_a_log_note_or_docstring_names_exists():
     assert named, "the attacks' notes name their recipes"
     assert named <= known, sorted(named - known)
     assert set(ATTACKS.names()) >= {r.split("/")[0] for r in known}
+
+
+def _config(*argv):
+    from veil.cli import _run_config, build_parser
+
+    return _run_config(build_parser().parse_args(["run", *argv]))
+
+
+def test_an_attack_runs_its_papers_training_unless_told_otherwise_and_says_where_each_setting_came_from():
+    from veil.attacks import ATTACKS
+
+    paper = ATTACKS.get("multinomial").paper_training
+    assert paper["optimizer"] == "adam" and paper["batch_size"] == 16 and paper["epochs"] == 110
+    c = _config("--attack", "multinomial", "--dataset", "gtsrb", "--model", "preact_resnet18", "--out", "o", "--lr", "0.01")
+    assert (c.optimizer, c.batch_size, c.epochs, c.image_size, c.base_augment, c.poison_rate) == ("adam", 16, 110, 128, False, 1.0)
+    assert c.lr == 0.01 and c.sources["lr"] == "user" and c.sources["optimizer"] == "paper"
+    assert c.sources["seed"] == "veil default" and "out" not in c.sources
+    # a paper that gives no training settings: veil's defaults
+    c = _config("--attack", "badnets", "--dataset", "gtsrb", "--model", "preact_resnet18", "--out", "o")
+    assert (c.optimizer, c.lr, c.epochs) == ("sgd", 0.05, 4) and set(c.sources.values()) == {"user", "veil default"}
+    # a recipe's settings sit between the user's and the paper's
+    c = _config("--recipe", "sig/gtsrb-cpu", "--out", "o", "--seed", "3")
+    assert c.sources["target"] == "recipe" and c.sources["seed"] == "user" and c.seed == 3 and c.recipe == "sig/gtsrb-cpu"
+    assert c.sources["attack_options"] == "recipe"
+
+
+def test_a_sweep_point_takes_the_papers_settings_it_leaves_unset():
+    from veil.sweep import parse_sweep
+
+    sweep = parse_sweep({"out": "o", "base": {"attack": "multinomial", "dataset": "gtsrb_sample", "model": "preact_resnet18",
+                                               "epochs": 2}, "grid": {"seed": [0, 1]}})
+    (_, a), (_, b) = sweep.points()
+    assert a.epochs == 2 and a.sources["epochs"] == "user" and a.optimizer == "adam" and a.sources["optimizer"] == "paper"
+    assert b.seed == 1 and b.sources["seed"] == "user"

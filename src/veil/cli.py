@@ -112,7 +112,7 @@ def _run_config(args: argparse.Namespace) -> Any:
     """The RunConfig of ``veil run``: RunConfig's defaults, then the recipe's settings (``--recipe``),
     then the flags given."""
     from veil.errors import ConfigError
-    from veil.runs import RunConfig
+    from veil.runs import resolve_config
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_FIELDS}
     if "attack_opt" in given:
@@ -127,7 +127,7 @@ def _run_config(args: argparse.Namespace) -> Any:
     missing = [f"--{k}" for k in ("attack", "dataset", "model") if k not in given]
     if missing:
         raise ConfigError(f"veil run needs {', '.join(missing)} (or --recipe NAME; veil recipes lists them)")
-    return RunConfig(**given)
+    return resolve_config(given)
 
 
 def _fmt(value: Any, spec: str) -> str:

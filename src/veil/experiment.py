@@ -41,7 +41,7 @@ from veil.train import TrainConfig, Trainer, predict, resolve_device
 log = logging.getLogger(__name__)
 
 #: config keys that may differ between an interrupted run and its resumption
-_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download", "recipe"}
+_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download", "recipe", "sources"}
 
 
 def seed_everything(seed: int) -> None:
@@ -160,6 +160,10 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     notes = attack.training_notes(train, CROP_PADDING if config.base_augment else 0, train.hflip and config.base_augment)
     for note in notes:
         log.warning("%s", note)
+    from_paper = {k: getattr(config, k) for k, v in config.sources.items() if v == "paper"}
+    if from_paper:
+        log.info("%s: the paper's training settings (override any with its flag): %s", config.attack,
+                 ", ".join(f"{k}={v}" for k, v in from_paper.items()))
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=train.num_classes, image_size=config.image_size, width=config.width)
 

@@ -23,7 +23,9 @@ from veil.models import MODELS
 from veil.models.loading import load_classifier
 from veil.train import TrainConfig, resolve_device
 
-__all__ = ["EVAL_SHARE", "LoadedRun", "RunConfig", "create_run_attack", "eval_subset", "load_run", "load_run_data"]
+__all__ = [
+    "EVAL_SHARE", "LoadedRun", "RunConfig", "create_run_attack", "eval_subset", "load_run", "load_run_data", "resolve_config",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class RunConfig:
             number.
         recipe: the named recipe (:mod:`veil.recipes`) this run's settings came from, if any;
             settings given on the command line override the recipe's.
+        sources: where each setting came from (``"user"``, ``"recipe"``, ``"paper"``: the
+            attack's :attr:`~veil.attacks.Attack.paper_training`, ``"veil default"``), filled by
+            :func:`resolve_config`; empty for a RunConfig built directly.
     """
 
     attack: str
@@ -110,6 +115,7 @@ class RunConfig:
     eval_every: int = 1
     eval_images: int | str = "auto"
     recipe: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Check names and ranges that can be checked without loading data."""
@@ -161,6 +167,43 @@ def load_run_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     if config.test_subset:
         test = stratified_subset(test, config.test_subset, seed=config.seed)
     return train, test
+
+
+#: RunConfig fields that say where and how a run goes, not what it trains: no source is recorded
+_PLUMBING = ("out", "overwrite", "progress", "device", "download", "cache_dir", "lpips_weights", "recipe", "sources")
+
+
+def resolve_config(given: dict[str, Any], recipe: dict[str, Any] | None = None, recipe_name: str | None = None) -> RunConfig:
+    """A RunConfig from settings in order of precedence: ``given`` (the user's: flags, a sweep
+    file's values, Python keywords), then ``recipe`` (a named recipe's run), then the attack's
+    paper (:attr:`~veil.attacks.Attack.paper_training`), then RunConfig's defaults.
+    ``attack_options`` merge option by option (the user's over the recipe's). ``sources`` records
+    where each setting came from.
+
+    Raises:
+        ConfigError: no attack is named, or the attack is unknown.
+    """
+    recipe = dict(recipe or {})
+    attack = given.get("attack", recipe.get("attack"))
+    if attack is None:
+        raise ConfigError("no attack given")
+    paper = dict(ATTACKS.get(attack).paper_training)
+    settings: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in ("sources", "recipe"):
+            continue
+        for source, values in (("user", given), ("recipe", recipe), ("paper", paper)):
+            if f.name in values:
+                settings[f.name], sources[f.name] = values[f.name], source
+                break
+        else:
+            sources[f.name] = "veil default"
+    options = {**dict(recipe.get("attack_options") or {}), **dict(given.get("attack_options") or {})}
+    settings["attack_options"] = options
+    sources["attack_options"] = "user" if given.get("attack_options") else "recipe" if options else "veil default"
+    kept = {k: v for k, v in sources.items() if k not in _PLUMBING}
+    return RunConfig(**settings, recipe=recipe_name, sources=kept)
 
 
 #: share of the training set's size that ``eval_images="auto"`` evaluates during training

@@ -78,7 +78,7 @@ from typing import Any
 
 from veil import records as rec
 from veil.errors import ConfigError, VeilError
-from veil.runs import RunConfig
+from veil.runs import RunConfig, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ RESERVED_FIELDS = {
     "overwrite": "pass --overwrite to veil sweep (or overwrite=True to run_sweep) instead",
     "progress": "it is set by veil sweep",
     "recipe": "a recipe is run with veil sweep --recipe NAME or veil run --recipe NAME",
+    "sources": "veil records where each setting came from",
 }
 #: RunConfig fields holding paths (resolved against the YAML file's folder)
 PATH_FIELDS = ("data_root", "cache_dir", "lpips_weights")
@@ -647,9 +648,8 @@ def _resolve_paths(flat: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     }
 
 
-def _build_config(flat: dict[str, Any], out: str, where: str) -> RunConfig:
-    """A validated RunConfig from flat settings (attack option names checked against the attack's
-    Config without building the attack, which may need data)."""
+def _split(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat settings -> (RunConfig fields, attack options)."""
     fields: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for k, v in flat.items():
@@ -657,11 +657,28 @@ def _build_config(flat: dict[str, Any], out: str, where: str) -> RunConfig:
             options[k[len(ATTACK_OPTIONS) + 1 :]] = v
         else:
             fields[k] = v
-    missing = [f for f in _REQUIRED_FIELDS if f not in fields and f != "out"]
+    return fields, options
+
+
+def _build_config(
+    flat: dict[str, Any],
+    out: str,
+    where: str,
+    recipe_flat: dict[str, Any] | None = None,
+    recipe_name: str | None = None,
+) -> RunConfig:
+    """A validated RunConfig from flat settings (the user's, over a recipe's ``recipe_flat`` and
+    the attack's paper settings, see :func:`veil.runs.resolve_config`); attack option names are
+    checked against the attack's Config without building the attack, which may need data."""
+    fields, options = _split(flat)
+    r_fields, r_options = _split(recipe_flat or {})
+    missing = [f for f in _REQUIRED_FIELDS if f not in fields and f not in r_fields and f != "out"]
     if missing:
         raise ConfigError(f"{where}: {', '.join(repr(m) for m in missing)} not set (put it in 'base', 'runs' or 'grid')")
-    config = RunConfig(**fields, attack_options=options, out=out)
+    given = {**fields, "out": out, **({ATTACK_OPTIONS: options} if options else {})}
+    recipe = {**r_fields, ATTACK_OPTIONS: r_options} if recipe_flat is not None else None
     try:
+        config = resolve_config(given, recipe, recipe_name)
         config.validate()
         _check_attack_options(config)
     except ConfigError as exc:

@@ -88,6 +88,11 @@ class Attack:
     #: attacks whose trigger lives below bfloat16's resolution (one grey level) set this True:
     #: ``veil run`` then trains without bfloat16 autocast on CUDA
     full_precision: ClassVar[bool] = False
+    #: the run settings the attack's paper trains its victim with (RunConfig fields: optimizer,
+    #: lr, batch_size, weight_decay, schedule, epochs, image_size, base_augment, ...). ``veil run``
+    #: and sweeps use them for every setting the user (or a recipe) leaves unset, and record each
+    #: setting's source; empty where the paper gives none (veil's defaults then apply)
+    paper_training: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: AttackConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         if not isinstance(config, self.Config):

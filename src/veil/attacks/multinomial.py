@@ -228,6 +228,14 @@ class MultinomialAttack(Attack):
     static_poison: ClassVar[bool] = False
     # a one-grey-level change is about one bfloat16 step of a normalised input: no autocast
     full_precision: ClassVar[bool] = True
+    #: section 4.1 ("Training Details") and the authors' code (config.py, utils.py): GTSRB
+    #: resized to 128x128, batch 16, Adam at 1e-3 for the classifier with no weight decay and no
+    #: schedule, 110 epochs, no augmentation (resize and centre crop only), and a malicious copy of
+    #: every training image (``poison_rate=1.0``)
+    paper_training: ClassVar[dict[str, Any]] = {
+        "image_size": 128, "epochs": 110, "batch_size": 16, "optimizer": "adam", "lr": 1e-3,
+        "weight_decay": 0.0, "schedule": "constant", "base_augment": False, "poison_rate": 1.0,
+    }
 
     def __init__(
         self,

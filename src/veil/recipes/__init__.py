@@ -93,15 +93,13 @@ class Recipe:
         if self.run is None:
             raise ConfigError(f"recipe {self.name} is a sweep; run it with veil sweep --recipe {self.name}")
         where = f"recipe {self.name}"
-        flat = _flatten(self.run, where)
-        flat.pop("recipe", None)
+        user: dict[str, Any] = {}
         for key, value in overrides.items():
             if key == ATTACK_OPTIONS:
-                flat.update({f"{ATTACK_OPTIONS}.{k}": v for k, v in dict(value).items()})
-            elif key != "out":
-                flat[key] = _check_value(key, value, where)
-        flat["recipe"] = self.name
-        return _build_config(flat, out, where)
+                user.update({f"{ATTACK_OPTIONS}.{k}": v for k, v in dict(value).items()})
+            elif key not in ("out", "recipe", "sources"):
+                user[key] = _check_value(key, value, where)
+        return _build_config(user, out, where, recipe_flat=_flatten(self.run, where), recipe_name=self.name)
 
     def sweep_spec(self, data_root: str | None, out: str) -> dict[str, Any]:
         """The recipe's sweep as a sweep-file mapping, with ``out`` and the data folder set."""
