@@ -381,8 +381,9 @@ def test_entanglement_loss_gradients_reach_the_classifier_and_the_generator() ->
 @pytest.mark.parametrize(("tint_weight", "malicious_weight"), [(0.0, 1.0), (2.0, 1.0), (0.0, 0.5)])
 def test_the_loss_is_equation_7(tint_weight: float, malicious_weight: float) -> None:
     """Trainer's whole-batch CE + the hook's extra loss = CE(benign) + CE(malicious) + alpha L_etg
-    + beta L_num (per-set means, as in the authors' code), + the optional tint penalty; the
-    optional ``malicious_weight`` scales CE(malicious)."""
+    + beta L_num (per-set means, as in the authors' code; L_num on their scale, half the expected
+    changed share), + the optional tint penalty; the optional ``malicious_weight`` scales
+    CE(malicious)."""
     import torch.nn.functional as F
 
     a = attack(
@@ -398,7 +399,7 @@ def test_the_loss_is_equation_7(tint_weight: float, malicious_weight: float) -> 
         F.cross_entropy(logits[:n], batch.y[:n])
         + malicious_weight * F.cross_entropy(logits[n:], batch.y[n:])
         + 0.3 * hook.entanglement_loss(features[n:], batch.y[n:])
-        + 0.1 * hook._pending["num"]
+        + 0.1 * 0.5 * hook._pending["num"]
     )
     tint = hook._pending["tint"]
     if tint_weight:
@@ -427,9 +428,9 @@ def test_malicious_weight_applies_from_its_share_of_the_steps() -> None:
 
 
 def test_num_budget_leaves_the_changed_share_below_it_free() -> None:
-    """``num_budget`` turns ``beta * L_num`` into ``beta * max(0, share - budget)``: below the
-    budget the term and its gradient vanish (the generator's gradient is the ``beta=0`` one),
-    above it the term is the excess."""
+    """``num_budget`` turns ``beta * L_num`` into ``beta * 0.5 * max(0, share - budget)`` (the
+    authors' scale): below the budget the term and its gradient vanish (the generator's gradient
+    is the ``beta=0`` one), above it the term is half the excess."""
     import torch.nn.functional as F
 
     def loss_and_grads(**options: object) -> tuple[float, float, list[torch.Tensor]]:
@@ -452,7 +453,7 @@ def test_num_budget_leaves_the_changed_share_below_it_free() -> None:
     for ga, gf in zip(g_above, g_free):
         assert torch.allclose(ga, gf, atol=1e-7)
     below, _, g_below = loss_and_grads(beta=10.0, num_budget=share - 0.1)
-    assert below == pytest.approx(free + 10.0 * 0.1, rel=1e-4)
+    assert below == pytest.approx(free + 10.0 * 0.5 * 0.1, rel=1e-4)
     assert any(not torch.allclose(gb, gf, atol=1e-7) for gb, gf in zip(g_below, g_free))
 
 

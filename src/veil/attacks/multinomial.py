@@ -20,7 +20,8 @@ IJCAI 2022 (arXiv:2205.03190; authors' code: github.com/Ekko-zn/IJCAI2022-Backdo
   with ``L_etg`` the mean squared distance (eq. 5) between the penultimate features of the
   malicious images and ``f_benign``, the mean feature of the clean training images of their
   target label (recomputed, model in eval mode, at the start of every epoch, as in the authors'
-  code), and ``L_num`` the share of changed sub-pixels (eq. 6, normalised by ``C * H * W``).
+  code), and ``L_num`` half the share of changed sub-pixels (eq. 6 normalised by ``C * H * W``,
+  halved as the authors' code's ``mean |P|`` over both maps is, which ``beta = 0.1`` is for).
   ``beta`` doubles every ``beta_period`` epochs of the paper's ``beta_reference_epochs``-epoch
   budget, scaled to the run's epochs (see :meth:`MultinomialHook.beta_at`).
 * **Modes**: one target (``target``), all targets at once (``all_targets=True``: one probability
@@ -91,6 +92,11 @@ def _reached(trainer: Trainer, batch: Batch | None, share: float) -> bool:
     return step >= math.ceil(share * total)
 
 
+#: ``L_num`` = this times the changed share: the authors' code minimises ``mean |P|`` over the
+#: ``P(+1)`` and ``P(-1)`` maps together, half the share eq. 6 sums; their ``beta`` is for that scale
+NUM_LOSS_SCALE = 0.5
+
+
 @dataclass(frozen=True)
 class MultinomialConfig(AttackConfig):
     """Options of the multinomial-trigger attack (defaults: the paper, section 4.1, and the
@@ -98,7 +104,9 @@ class MultinomialConfig(AttackConfig):
 
     Attributes:
         alpha: weight of the entanglement loss ``L_etg`` (0.3; 0 is the ablation of section 4.4).
-        beta: initial weight of the changed-pixel loss ``L_num`` (0.1).
+        beta: initial weight of the changed-pixel loss ``L_num`` (0.1). ``L_num`` is on the
+            authors' code's scale, half the changed share (:data:`NUM_LOSS_SCALE`); veil 0.1
+            used the whole share, so its ``beta`` values are twice those that act the same now.
         beta_period: ``beta`` doubles every ``beta_period`` epochs (20) ...
         beta_reference_epochs: ... of a ``beta_reference_epochs``-epoch run (110, the paper's GTSRB
             budget): a run of ``E`` epochs doubles ``beta`` every ``beta_period * E /
@@ -118,10 +126,10 @@ class MultinomialConfig(AttackConfig):
             step) each poisoned row is copied towards; ``0``: all of them.
         entanglement: ``"squared"`` (eq. 5: mean squared feature difference) or ``"absolute"``
             (the mean absolute difference of the authors' code).
-        num_loss: ``"expected"``: ``L_num`` is the expected share of changed sub-pixels,
-            ``mean(P(+1) + P(-1))`` (the expectation of eq. 6 over the noise; the authors' code
-            minimises half of it); ``"sampled"``: the mean ``|trigger|`` of the SampleNet sample
-            (eq. 6 as printed).
+        num_loss: what ``L_num`` measures the changed share by: ``"expected"``,
+            ``mean(P(+1) + P(-1))`` (the expectation of eq. 6 over the noise), or ``"sampled"``,
+            the mean ``|trigger|`` of the SampleNet sample (eq. 6 as printed); either way the
+            loss is :data:`NUM_LOSS_SCALE` times it, the authors' code's ``mean |P|`` over both maps.
         malicious_weight: weight of ``CE(malicious)`` in the classifier's loss (1, the paper: the
             benign and malicious means count alike). Not in the paper: where the victim cannot
             tell some triggered images from their clean originals, the two cross-entropies pull
@@ -1001,7 +1009,10 @@ class MultinomialHook(TrainHook):
             total = total + self.malicious_weight_at(trainer, batch) * ce_mal
         etg = self.entanglement_loss(features[n:], p["targets"])
         beta = 0.0 if p["settling"] else self.beta_at(trainer, batch)
-        num_loss = (p["num"] - c.num_budget).clamp(min=0) if c.num_budget > 0 else p["num"]
+        # L_num on the authors' scale: their code minimises the mean |P| over the 2C probability
+        # maps, half the share of changed sub-pixels that eq. 6 sums, and beta = 0.1 is theirs
+        share = (p["num"] - c.num_budget).clamp(min=0) if c.num_budget > 0 else p["num"]
+        num_loss = NUM_LOSS_SCALE * share
         total = total + c.alpha * etg + beta * num_loss
         if c.tint_weight > 0:
             total = total + c.tint_weight * p["tint"]
