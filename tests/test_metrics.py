@@ -253,6 +253,10 @@ def test_stealth_metrics_without_lpips() -> None:
     assert out["ssim"] == pytest.approx(float(ssim(clean, poisoned).mean()), rel=1e-6)
     assert out["mse"] == pytest.approx(float(mse(clean, poisoned).mean()), rel=1e-6)
     assert out["linf"] == 2 and isinstance(out["linf"], int)
+    # the multinomial paper's L1 is in grey levels: 4 of 256 pixels x 3 channels x 3 images changed,
+    # each by 2 levels at most (clipped at 255), over 4 images of 768 sub-pixels
+    assert out["l1_grey_levels"] == pytest.approx(out["l1"] * 255)
+    assert 0 < out["l1_grey_levels"] <= 2 * 4 * 3 * 3 / (4 * 768) + 1e-9
     assert out["histogram"] == modification_histogram(clean, poisoned)
     assert out["modified_fraction"] == modified_fraction(clean, poisoned)
     same = stealth_metrics(clean, clean)

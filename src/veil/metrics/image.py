@@ -177,10 +177,11 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
 
 
 def l1(x: Tensor, y: Tensor) -> Tensor:
-    r"""Mean absolute difference per image on the ``[0, 1]`` scale.
+    r"""Mean absolute difference per image on the ``[0, 1]`` scale,
+    :math:`\frac{1}{CHW} \sum |x - x'|`.
 
-    As defined by Zhong et al. (IJCAI 2022, multinomial-sampling backdoor):
-    :math:`\frac{1}{CHW} \sum |x - x'|`, with images in ``[0, 1]``.
+    Zhong et al.'s L1 (IJCAI 2022, Table 2, and the authors' code) is the same sum in grey levels,
+    255 times this: :func:`veil.metrics.stealth_metrics` records both (``l1``, ``l1_grey_levels``).
 
     Args:
         x: images in ``[0, 1]``, ``(B, C, H, W)`` or ``(C, H, W)``.

@@ -42,7 +42,8 @@ def stealth_metrics(clean: Tensor, poisoned: Tensor, lpips_model: torch.nn.Modul
       ``inf``) and counted in ``"identical_fraction"``. ``None`` when no image was modified.
     - ``"identical_fraction"``: share of images left bit-for-bit unchanged (PSNR ``inf``).
     - ``"ssim"``: mean SSIM (:func:`ssim`); ``None`` for images smaller than 11x11.
-    - ``"mse"``: mean MSE on the 0-255 scale; ``"l1"``: mean L1 on ``[0, 1]``.
+    - ``"mse"``: mean MSE on the 0-255 scale; ``"l1"``: mean L1 on ``[0, 1]``;
+      ``"l1_grey_levels"``: the same in grey levels, the L1 of Zhong et al. (IJCAI 2022, Table 2).
     - ``"linf"``: largest modification over the whole batch, in grey levels (``int``).
     - ``"lpips"``: mean LPIPS (:func:`veil.metrics.lpips.lpips_distance`), ``None`` when
       ``lpips_model`` is ``None``. The model must be on the images' device.
@@ -73,6 +74,7 @@ def stealth_metrics(clean: Tensor, poisoned: Tensor, lpips_model: torch.nn.Modul
         "ssim": None if small else float(ssim(clean, poisoned).double().mean().item()),
         "mse": float(mse(clean, poisoned).double().mean().item()),
         "l1": float(l1(clean, poisoned).double().mean().item()),
+        "l1_grey_levels": float(l1(clean, poisoned).double().mean().item()) * 255.0,
         "linf": int(linf(clean, poisoned).max().item()),
         "lpips": lpips_value,
         "modified_fraction": modified_fraction(clean, poisoned),
