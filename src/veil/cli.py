@@ -201,6 +201,33 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """``veil reproduce PAPER``: the recipes behind a paper's table, and the table beside the paper's."""
+    from veil.records import RunRecord
+    from veil.reproduce import list_papers, load_paper, plan, reproduce, table_markdown
+
+    if args.paper is None:
+        for name in list_papers():
+            spec = load_paper(name)
+            tables = ", ".join(f"{k} ({'/'.join(t['scales'])})" for k, t in spec["tables"].items())
+            print(f"{name}: {spec['title']}\n    tables: {tables}")
+        return 0
+    out = args.out or f"runs/reproduce/{args.paper}-table{args.table or 'first'}-{args.scale}"
+    key, _, steps = plan(args.paper, args.table, args.scale, args.data_root, out, args.device)
+    if args.dry_run:
+        print(f"{args.paper}, table {key}, {args.scale} scale, in {Path(out).resolve()}:")
+        for step in steps:
+            print(f"  step {step.name} ({step.kind} recipe {step.recipe}):")
+            for name, config in step.points:
+                status = "finished" if RunRecord(config.out).finished else "to train"
+                print(f"    {status:<9} {name}")
+    table = reproduce(args.paper, args.table, args.scale, args.data_root, out, args.device,
+                      progress=not args.quiet, dry_run=args.dry_run)
+    print(table_markdown(table), end="")
+    print(f"wrote {Path(out).resolve() / f'table-{key}.md'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """A clean reference and a BadNets run on the bundled GTSRB sample, then the report.
 
@@ -275,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default=None, help="only this attack's recipes")
     p.add_argument("-l", "--long", action="store_true", help="also the description and the data each needs")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("reproduce", help="run the recipes behind a seed paper's table; the paper's figures beside veil's")
+    p.add_argument("paper", nargs="?", default=None, help="paper name (without it: the papers and their tables)")
+    p.add_argument("--table", default=None, help="table number (default: the paper's first in veil)")
+    p.add_argument("--scale", default="cpu", choices=["cpu", "paper"],
+                   help="cpu: the recipes measured on 2 cores (default); paper: the paper's budget, for a GPU")
+    p.add_argument("--data-root", default=None, help="dataset folder the recipes need (e.g. the folder holding gtsrb/)")
+    p.add_argument("--out", default=None, help="folder for the runs and the table (default runs/reproduce/...)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (overrides the recipes)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; tabulate those; train nothing")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("list", help="registered datasets, models and attacks")
     p.set_defaults(func=cmd_list)

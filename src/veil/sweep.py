@@ -206,6 +206,7 @@ class Sweep:
         table: the results layout.
         source: the YAML file (``None`` when parsed from a mapping without one).
         description: free text from the file.
+        recipe: the named recipe the sweep comes from (``veil sweep --recipe``), recorded by every point.
     """
 
     name: str
@@ -216,6 +217,7 @@ class Sweep:
     table: TableSpec
     source: Path | None = None
     description: str | None = None
+    recipe: str | None = None
     # raw (unresolved) override values, used for readable folder names
     _raw_grid: dict[str, list[Any]] = field(default_factory=dict, repr=False, compare=False)
     _raw_runs: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
@@ -255,7 +257,13 @@ class Sweep:
                     "remove the duplicate from 'runs' or 'grid'"
                 )
             seen[name] = i
-            config = _build_config(merged, str(self.out / name), where=f"point {name}")
+            where = f"point {name}"
+            if self.recipe is None:
+                config = _build_config(merged, str(self.out / name), where)
+            else:  # a sweep recipe's settings, with the command line's data folder and device
+                user = {k: merged[k] for k in ("data_root", "device") if k in merged}
+                rest = {k: v for k, v in merged.items() if k not in user}
+                config = _build_config(user, str(self.out / name), where, recipe_flat=rest, recipe_name=self.recipe)
             result.append((name, config, merged))
         return result
 
@@ -400,6 +408,7 @@ def parse_sweep(
     base_dir: str | Path | None = None,
     source: Path | None = None,
     default_name: str = "sweep",
+    recipe: str | None = None,
 ) -> Sweep:
     """Validate a sweep given as a mapping (the parsed YAML); relative paths resolve against
     ``base_dir`` (default: the current folder)."""
@@ -473,6 +482,7 @@ def parse_sweep(
         table=table,
         source=source,
         description=description,
+        recipe=recipe,
         _raw_grid=grid_raw,
         _raw_runs=runs_raw,
     )

@@ -49,7 +49,7 @@ def _load(args: argparse.Namespace) -> Any:
         raise ConfigError(f"veil sweep --recipe {args.recipe} needs --out (the folder for its runs)")
     recipe = load_recipe(args.recipe)
     spec = recipe.sweep_spec(args.data_root, str(Path(args.out).resolve()))
-    return parse_sweep(spec, base_dir=Path.cwd(), default_name=args.recipe.replace("/", "-"))
+    return parse_sweep(spec, base_dir=Path.cwd(), default_name=args.recipe.replace("/", "-"), recipe=recipe.name)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

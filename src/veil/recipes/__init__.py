@@ -177,7 +177,7 @@ def parse_recipe(spec: Any, name: str, path: Path) -> Recipe:
             if key in run:
                 raise ConfigError(f"{where}: 'run' must not set {key!r} (it comes from the command line)")
         flat = _flatten(run, where)
-        if flat.get("attack") != name.split("/", 1)[0]:
+        if flat.get("attack") not in (name.split("/", 1)[0], "none"):  # "none": the attack's clean reference
             raise ConfigError(f"{where}: its run's attack is {flat.get('attack')!r}; the recipe's name says {name.split('/', 1)[0]!r}")
     else:
         if not isinstance(sweep, dict):

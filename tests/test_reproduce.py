@@ -1,0 +1,110 @@
+"""veil reproduce: every paper table plans at every scale; a (tiny) reproduction trains its steps
+in order, passes a reference run on, fills the cells and reads finished runs back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import veil.recipes
+import veil.reproduce
+from veil.cli import main
+from veil.errors import ConfigError
+from veil.reproduce import build_table, list_papers, load_paper, plan, reproduce
+
+
+def test_every_paper_table_plans_at_every_scale_with_the_papers_figures(tmp_path):
+    assert {"frequency", "multinomial"} <= set(list_papers())
+    for paper in list_papers():
+        spec = load_paper(paper)
+        for key, tspec in spec["tables"].items():
+            for scale in tspec["scales"]:
+                k, t, steps = plan(paper, key, scale, "data", tmp_path / f"{paper}-{scale}")
+                assert k == key and steps and all(s.points for s in steps)
+                table = build_table(paper, key, t, scale, steps)
+                assert len(table["rows"]) == len(t["rows"])
+                width = 1 + 2 * len(t["columns"]) * len(t["metrics"])
+                assert all(len(r) == width for r in table["rows"]) and len(table["columns"]) == width
+                assert table["runs"] == {}  # nothing trained here
+    key, tspec, steps = plan("frequency", "3", "cpu", "d", tmp_path / "f")
+    row = build_table("frequency", key, tspec, "cpu", steps)["rows"][-1]
+    assert row[0] == "1500" and row[1:5] == ["75.36", "–", "100.00", "–"]
+
+
+def test_unknown_papers_tables_and_scales_are_named(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown paper 'nosuch'; veil reproduce knows frequency"):
+        plan("nosuch", None, "cpu", None, tmp_path)
+    with pytest.raises(ConfigError, match="has no table '9'"):
+        plan("frequency", "9", "cpu", None, tmp_path)
+    assert main(["-q", "reproduce", "multinomial", "--table", "7", "--out", str(tmp_path)]) == 2
+    assert "has no table '7'" in capsys.readouterr().err
+    assert main(["-q", "reproduce"]) == 0
+    assert "tables: 3 (cpu/paper)" in capsys.readouterr().out
+
+
+def _write(path: Path, spec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+
+
+SMALL = {"dataset": "gtsrb_sample", "model": "preact_resnet18", "width": 4, "epochs": 1, "train_subset": 430,
+         "test_subset": 215, "stealth_samples": 8, "base_augment": False, "target": 0, "seed": 0}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A paper file and two recipes on the bundled GTSRB sample: a clean reference, then a
+    frequency sweep over two poison counts that reads its heatmap."""
+    recipes, papers = tmp_path / "recipes", tmp_path / "papers"
+    common = {"scale": "cpu", "stands_for": "a test", "description": "a test", "measured": []}
+    _write(recipes / "frequency" / "tiny-cpu-reference.yaml",
+           {**common, "name": "frequency/tiny-cpu-reference", "run": {"attack": "none", **SMALL}})
+    _write(recipes / "frequency" / "tiny-cpu-table.yaml",
+           {**common, "name": "frequency/tiny-cpu-table",
+            "sweep": {"base": {"attack": "frequency", **SMALL, "attack_options": {"heatmap_images": 8}},
+                      "grid": {"poison_count": [20, 40]}}})
+    _write(papers / "tiny.yaml", {
+        "paper": "tiny", "title": "A tiny paper",
+        "tables": {"1": {
+            "row_label": "|I_P|", "rows": ["20", "40", "80"], "columns": ["PreAct", "Other"],
+            "metrics": ["clean_accuracy", "attack_success_rate"], "labels": ["CDA", "ASR"], "percent": [True, True],
+            "paper": {"20": [[70.0, 50.0], [71.0, 51.0]], "40": [[70.5, 90.0], [71.5, 91.0]]},
+            "scales": {"cpu": {
+                "steps": [{"name": "reference", "recipe": "frequency/tiny-cpu-reference"},
+                          {"name": "table", "recipe": "frequency/tiny-cpu-table", "reference_run": "reference"}],
+                "cells": [{"step": "table", "row_key": "poison_count", "column": "PreAct"},
+                          {"step": "reference", "row": "80", "column": "Other"}]}},
+        }},
+    })
+    monkeypatch.setattr(veil.recipes, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(veil.reproduce, "PAPERS_DIR", papers)
+    return tmp_path / "out"
+
+
+def test_a_reproduction_trains_its_steps_in_order_and_fills_the_table(tiny, capsys):
+    table = reproduce("tiny", "1", "cpu", out=tiny, progress=False)
+    ref = tiny / "reference"
+    points = sorted(p for p in (tiny / "table").iterdir() if (p / "metrics.json").is_file())
+    assert [p.name for p in points] == ["poison_count=20", "poison_count=40"]
+    for p in points:
+        config = json.loads((p / "config.json").read_text())
+        assert config["attack_options"]["reference_run"] == str(ref) and config["recipe"] == "frequency/tiny-cpu-table"
+        assert config["sources"]["poison_count"] == "recipe" and config["sources"]["seed"] == "recipe"
+    rows = {r[0]: r[1:] for r in table["rows"]}
+    assert rows["20"][0] == "70.00" and rows["20"][1] != "–" and rows["40"][3] != "–"
+    assert rows["80"][:4] == ["–"] * 4 and rows["80"][5] != "–"  # the reference's CDA in the Other column
+    assert 0.0 <= float(rows["20"][3]) <= 100.0
+    for name in ("table-1.md", "table-1.json", "report.html"):
+        assert (tiny / name).is_file()
+    assert "A tiny paper" not in (tiny / "table-1.md").read_text() and "tiny, Table 1" in (tiny / "table-1.md").read_text()
+    # a second call reads the finished runs back
+    before = {p: (p / "metrics.json").stat().st_mtime_ns for p in [ref, *points]}
+    assert reproduce("tiny", "1", "cpu", out=tiny, progress=False)["rows"] == table["rows"]
+    assert {p: (p / "metrics.json").stat().st_mtime_ns for p in before} == before
+    # the command line's dry run lists them as finished
+    assert main(["-q", "reproduce", "tiny", "--dry-run", "--out", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "finished  poison_count=40" in out and "to train" not in out
