@@ -1,0 +1,380 @@
+"""The multinomial attack's training hook: the generator co-trained with the classifier on
+equations 2, 5, 6 and 7 (:class:`MultinomialHook`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from veil.attacks.multinomial.config import NUM_LOSS_SCALE
+from veil.data.base import PoisonedDataset, to_float
+from veil.errors import ConfigError
+from veil.train import Batch, Trainer, TrainHook
+from veil.triggers.multinomial import SampleNet, sample_trigger
+
+if TYPE_CHECKING:
+    from veil.attacks.multinomial.attack import MultinomialAttack
+
+log = logging.getLogger(__name__)
+
+#: salt of the training-time sampling noise stream
+_TRAIN_NOISE_SALT = 9_173
+
+
+def _exact_copies(x: Tensor, p_plus: Tensor, p_minus: Tensor, noise: Tensor) -> Tensor:
+    """Malicious copies ``(b, k, C, H, W)`` of images ``x`` ``(b, C, H, W)`` with the exact trigger
+    of equation (1), on the 8-bit grid, as the evaluation and the written poisoned set have it."""
+    hard = sample_trigger(p_plus, p_minus, noise)
+    return ((x[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
+
+
+def _reached(trainer: Trainer, batch: Batch | None, share: float) -> bool:
+    """Whether the step (``batch.step``, else the trainer's) is at or past ``ceil(share * total
+    steps)``."""
+    total = trainer.config.epochs * trainer.steps_per_epoch
+    step = trainer.global_step if batch is None else batch.step
+    return step >= math.ceil(share * total)
+
+
+class MultinomialHook(TrainHook):
+    """Co-trains the attack's generator with the classifier (equations 2, 5, 6, 7).
+
+    Per step: the rows of the batch at the training set's ``poison_indices`` are passed through the
+    generator; SampleNet turns their probabilities and fresh uniform noise into soft triggers; the
+    malicious copies (one per target: the target, ``(y + 1) % N`` for all-to-all, every label or
+    ``targets_per_image`` random labels for all-targets) are appended to the batch with their
+    target labels. The loss replaces the trainer's cross-entropy over the whole batch by the paper's
+    sum of the benign and malicious means, plus ``alpha * L_etg + beta(t) * L_num``. The generator's
+    Adam optimiser steps with the classifier's.
+    """
+
+    def __init__(self, attack: MultinomialAttack) -> None:
+        self.attack = attack
+        c = attack.config
+        self.generator = attack.generator
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.lr)
+        self.samplenet: SampleNet = attack._samplenet()
+        self.f_benign: Tensor | None = None
+        self.noise: torch.Generator | None = None
+        self._noise_state: Tensor | None = None
+        self._poison_mask: Tensor | None = None
+        self._pending: dict[str, Any] = {}
+        self._sums: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def modules(self) -> tuple[nn.Module, ...]:
+        return (self.generator,)
+
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (self.optimizer,)
+
+    def setup(self, trainer: Trainer) -> None:
+        dev = trainer.device
+        self.samplenet.to(dev)
+        self.noise = torch.Generator(device=dev)
+        self.noise.manual_seed(self.attack.config.seed * 1_000_003 + _TRAIN_NOISE_SALT)
+        if self._noise_state is not None:
+            self.noise.set_state(self._noise_state)
+        if self.f_benign is not None:
+            self.f_benign = self.f_benign.to(dev)
+        data = trainer.train_data
+        idx = (
+            data.poison_indices
+            if isinstance(data, PoisonedDataset)
+            else self.attack.select_poison_indices(data)
+        )
+        mask = torch.zeros(len(data), dtype=torch.bool)
+        mask[idx] = True
+        self._poison_mask = mask.to(dev)
+        self.attack.trained = True
+
+    def beta_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+        """``beta * 2 ** floor(e / period)`` at fractional epoch ``e`` (steps done / steps per
+        epoch), ``period = beta_period * epochs / beta_reference_epochs`` (or ``beta_period``
+        when ``beta_reference_epochs`` is 0), capped at ``beta_max`` when that is positive."""
+        c = self.attack.config
+        cap = c.beta_max if c.beta_max > 0 else math.inf
+        if c.beta_period <= 0:
+            return min(c.beta, cap)
+        period = c.beta_period * (
+            trainer.config.epochs / c.beta_reference_epochs
+            if c.beta_reference_epochs > 0
+            else 1
+        )
+        step = trainer.global_step if batch is None else batch.step
+        e = step / trainer.steps_per_epoch
+        return min(c.beta * 2.0 ** math.floor(e / period + 1e-9), cap)
+
+    def settling(self, trainer: Trainer, batch: Batch | None = None) -> bool:
+        """Whether the step is in the last ``settle_fraction`` of training (frozen generator)."""
+        f = self.attack.config.settle_fraction
+        return f > 0 and _reached(trainer, batch, 1 - f)
+
+    def malicious_weight_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+        """``malicious_weight`` from step ``ceil(malicious_weight_from * total steps)`` on, 1 before."""
+        c = self.attack.config
+        return c.malicious_weight if _reached(trainer, batch, c.malicious_weight_from) else 1.0
+
+    def generator_lr_at(self, trainer: Trainer) -> float:
+        """The generator's Adam rate for the trainer's current step (``generator_schedule``)."""
+        c = self.attack.config
+        if c.generator_schedule == "constant":
+            return c.lr
+        return c.lr * trainer.optimizer.param_groups[0]["lr"] / trainer.config.lr
+
+    def noise_negatives_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+        """``noise_negatives`` from step ``ceil(noise_negatives_from * total steps)`` on, 0 before."""
+        c = self.attack.config
+        return c.noise_negatives if c.noise_negatives > 0 and _reached(trainer, batch, c.noise_negatives_from) else 0.0
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if trainer.step_in_epoch > 0 and self.f_benign is not None:
+            return  # resumed mid-epoch: keep the reference computed at this epoch's start
+        self.f_benign = self._class_mean_features(trainer)
+
+    def _class_mean_features(self, trainer: Trainer) -> Tensor:
+        """``f_benign``: per label, the mean penultimate feature of the clean training images of
+        that label (model in eval mode); only the target label is computed with one target."""
+        model = trainer.model
+        labels = trainer.labels
+        if self.attack.num_maps == 1:
+            wanted = [self.attack.config.target]
+        else:
+            wanted = list(range(self.attack.num_classes))
+        rows = torch.nonzero(
+            torch.isin(labels, torch.tensor(wanted, device=labels.device))
+        ).flatten()
+        was = model.training
+        model.eval()
+        sums: Tensor | None = None
+        counts = torch.zeros(self.attack.num_classes, device=trainer.device)
+        with torch.no_grad():
+            for i in range(0, rows.numel(), 512):
+                r = rows[i : i + 512]
+                with torch.autocast(
+                    device_type=trainer.device.type,
+                    dtype=torch.bfloat16,
+                    enabled=trainer.use_amp,
+                ):
+                    f, _ = trainer._forward(to_float(trainer.images[r]))
+                f = f.float()
+                if sums is None:
+                    sums = torch.zeros(
+                        self.attack.num_classes, f.shape[1], device=trainer.device
+                    )
+                sums.index_add_(0, labels[r], f)
+                counts.index_add_(
+                    0, labels[r], torch.ones_like(labels[r], dtype=torch.float)
+                )
+        model.train(was)
+        if sums is None:
+            raise ConfigError(
+                "the multinomial attack needs clean training images of its target label(s)"
+            )
+        means = sums / counts.clamp(min=1)[:, None]
+        missing = counts == 0
+        if bool(missing[wanted].any()):
+            log.warning(
+                "multinomial: labels %s have no training images; their f_benign is the overall mean",
+                torch.nonzero(missing).flatten().tolist(),
+            )
+            means[missing] = sums.sum(0) / counts.sum().clamp(min=1)
+        return means
+
+    # ------------------------------------------------------------------ each step
+    def transform_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+        assert self._poison_mask is not None and self.noise is not None
+        a = self.attack
+        sel = self._poison_mask[batch.index]
+        n_clean = int(batch.y.numel())
+        if not bool(sel.any()):
+            self._pending = {"n_clean": n_clean, "targets": None}
+            return batch
+        x_src, y_src = batch.x[sel], batch.y[sel]
+        b = x_src.shape[0]
+        settling = self.settling(trainer, batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.generator_lr_at(trainer)
+        if settling:  # frozen generator, in the evaluation's (eval) mode
+            was = self.generator.training
+            self.generator.eval()
+            with torch.no_grad():
+                p_plus, p_minus = a.probabilities(x_src)
+            self.generator.train(was)
+        else:
+            p_plus, p_minus = a.probabilities(x_src)  # (b, K, C, H, W)
+        dev = x_src.device
+        if a.num_maps == 1:
+            maps = torch.zeros(b, 1, dtype=torch.long, device=dev)
+            targets = a.target_labels(y_src)[:, None]
+        elif a.config.all_targets:
+            k = a.config.targets_per_image or a.num_classes
+            if k == a.num_classes:
+                maps = torch.arange(a.num_classes, device=dev).expand(b, -1)
+            else:
+                scores = torch.rand(b, a.num_classes, generator=self.noise, device=dev)
+                maps = scores.argsort(dim=1)[:, :k]
+            targets = maps
+        else:  # all2all
+            targets = a.target_labels(y_src)[:, None]
+            maps = targets
+        rows = torch.arange(b, device=dev)[:, None]
+        pp, pm = p_plus[rows, maps], p_minus[rows, maps]  # (b, k, C, H, W)
+        noise = torch.rand(pp.shape, generator=self.noise, device=dev)
+        if settling:  # equation (1) and 8 bits, exactly as evaluated
+            x_mal = _exact_copies(x_src, pp, pm, noise)
+            num = torch.zeros((), device=dev)
+        else:
+            soft = self.samplenet(noise, pp, pm)
+            x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1)
+            if a.config.train_sampling == "straight_through":
+                with torch.no_grad():
+                    x_hard = _exact_copies(x_src, pp, pm, noise)
+                x_mal = x_hard + (x_mal - x_mal.detach())
+            if a.config.num_loss == "expected":
+                num = (pp + pm).mean()
+            else:
+                num = soft.abs().mean()
+        x_mal = x_mal.reshape(-1, *a.image_shape)
+        t_flat = targets.reshape(-1)
+        share = self.noise_negatives_at(trainer, batch)
+        if share > 0:  # random +-1 noise of the trigger's density on some benign rows, true labels
+            with torch.no_grad():
+                x_ben = batch.x[:n_clean]
+                rows_neg = torch.rand(n_clean, generator=self.noise, device=dev) < share
+                half = (pp + pm).mean() / 2
+                p_neg = half.expand(int(rows_neg.sum()), *a.image_shape)
+                u = torch.rand(p_neg.shape, generator=self.noise, device=dev)
+                x_ben = x_ben.clone()
+                x_ben[rows_neg] = _exact_copies(x_ben[rows_neg], p_neg[:, None], p_neg[:, None], u[:, None])[:, 0]
+            batch.x = x_ben
+            self._add("noise_negatives", float(rows_neg.float().mean()))
+        tint = (
+            (pp - pm).mean((-2, -1)).pow(2).mean()
+            if a.config.tint_weight > 0 and not settling
+            else torch.zeros((), device=dev)
+        )
+        self._pending = {
+            "n_clean": n_clean,
+            "targets": t_flat,
+            "num": num,
+            "tint": tint,
+            "settling": settling,
+            "expected": (pp + pm).detach().mean(),
+        }
+        batch.x = torch.cat((batch.x, x_mal))
+        batch.y = torch.cat((batch.y, t_flat))
+        return batch
+
+    def extra_loss(
+        self, trainer: Trainer, batch: Batch, features: Tensor, logits: Tensor
+    ) -> Tensor | None:
+        c = self.attack.config
+        p = self._pending
+        n = p["n_clean"]
+        smoothing = trainer.config.label_smoothing
+        logits = logits.float()
+        ce_clean = F.cross_entropy(logits[:n], batch.y[:n], label_smoothing=smoothing)
+        if (
+            c.cls_weighting == "per_set"
+        ):  # the trainer's whole-batch mean is replaced by eq. 2
+            total = ce_clean - F.cross_entropy(
+                logits, batch.y, label_smoothing=smoothing
+            )
+        else:  # keep the trainer's mean over benign and malicious images
+            total = torch.zeros((), device=logits.device)
+        self._add("clean_ce", float(ce_clean.detach()))
+        self._add("clean_steps", 1.0)
+        if p["targets"] is None:
+            return total
+        ce_mal = F.cross_entropy(logits[n:], batch.y[n:], label_smoothing=smoothing)
+        if c.cls_weighting == "per_set":
+            total = total + self.malicious_weight_at(trainer, batch) * ce_mal
+        etg = self.entanglement_loss(features[n:], p["targets"])
+        beta = 0.0 if p["settling"] else self.beta_at(trainer, batch)
+        # L_num on the authors' scale: their code minimises the mean |P| over the 2C probability
+        # maps, half the share of changed sub-pixels that eq. 6 sums, and beta = 0.1 is theirs
+        share = (p["num"] - c.num_budget).clamp(min=0) if c.num_budget > 0 else p["num"]
+        num_loss = NUM_LOSS_SCALE * share
+        total = total + c.alpha * etg + beta * num_loss
+        if c.tint_weight > 0:
+            total = total + c.tint_weight * p["tint"]
+            self._add("tint", float(p["tint"].detach()))
+        with torch.no_grad():
+            hits = float((logits[n:].argmax(1) == batch.y[n:]).float().mean())
+        self._add("malicious_ce", float(ce_mal.detach()))
+        self._add("entanglement", float(etg.detach()))
+        self._add("num", float(p["num"].detach()))
+        self._add("modification_probability", float(p["expected"]))
+        self._add("train_asr", hits)
+        self._add("beta", beta)
+        self._add("steps", 1.0)
+        return total
+
+    def entanglement_loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """``L_etg`` (eq. 5): mean over malicious images and feature dimensions of the squared (or,
+        with ``entanglement="absolute"``, absolute) difference between their penultimate
+        features ``(M, D)`` and ``f_benign`` of their target labels ``(M,)``."""
+        if self.f_benign is None:
+            raise RuntimeError(
+                "f_benign is computed at the start of each epoch (on_epoch_start)"
+            )
+        diff = features.float() - self.f_benign[targets]
+        return (
+            diff.pow(2).mean()
+            if self.attack.config.entanglement == "squared"
+            else diff.abs().mean()
+        )
+
+    def _add(self, key: str, value: float) -> None:
+        self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+        steps = self._sums.get("steps", 0.0)
+        out = {}
+        if self._sums.get("clean_steps"):
+            out["multinomial_clean_ce"] = (
+                self._sums["clean_ce"] / self._sums["clean_steps"]
+            )
+        if steps:
+            for k in (
+                "malicious_ce",
+                "entanglement",
+                "num",
+                "modification_probability",
+                "train_asr",
+                "beta",
+                "tint",
+                "noise_negatives",
+            ):
+                if k in self._sums:
+                    out[f"multinomial_{k}"] = self._sums[k] / steps
+        self._sums = {}
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["noise_rng"] = (
+            self.noise.get_state()
+            if self.noise is not None
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        state["f_benign"] = (
+            self.f_benign.cpu() if self.f_benign is not None else torch.empty(0)
+        )
+        state["sums"] = dict(self._sums)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        rng = state.get("noise_rng")
+        self._noise_state = rng if rng is not None and rng.numel() else None
+        f = state.get("f_benign")
+        self.f_benign = f if f is not None and f.numel() else None
+        self._sums = dict(state.get("sums", {}))
