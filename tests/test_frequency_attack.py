@@ -245,3 +245,16 @@ def test_the_run_is_told_when_the_crop_shifts_the_trigger() -> None:
     (note,) = attack.training_notes(make_synthetic(8), crop_padding=4, hflip=False)
     assert note.startswith("frequency:") and "--no-base-augment" in note
     assert attack.training_notes(make_synthetic(8), crop_padding=0, hflip=False) == []
+
+
+def test_a_trained_reference_is_of_the_victims_architecture_unless_named() -> None:
+    from veil.attacks import create_attack
+
+    def arch(victim=None, **options):  # type: ignore[no-untyped-def]
+        return create_attack("frequency", 4, (3, 16, 16), **options).reference_architecture(victim)
+
+    assert arch() == ("preact_resnet18", 16)  # no victim known: veil's CPU-scale reference
+    assert arch({"model": "vgg16", "width": 8}) == ("vgg16", 8)
+    assert arch({"model": "vgg16", "width": None}) == ("vgg16", None)
+    assert arch({"model": "vgg16", "width": 8}, reference_width=4) == ("vgg16", 4)
+    assert arch({"model": "vgg16", "width": 8}, reference_model="resnet18") == ("resnet18", None)

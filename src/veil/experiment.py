@@ -168,7 +168,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     model = create_model(config.model, num_classes=train.num_classes, image_size=config.image_size, width=config.width)
 
     t0 = time.perf_counter()
-    attack.fit(train, device=device)
+    attack.fit(train, device=device, victim={"model": config.model, "width": config.width})
     if init is not None:
         _init_from_run(init, model, attack)
     poisoned = attack.training_set(train)

@@ -156,8 +156,13 @@ class Attack:
                 f"attack {self.name!r} was built for images {self.image_shape}, got a batch of shape {tuple(x.shape)}"
             )
 
-    def fit(self, train: ImageDataset, device: torch.device | str = "cpu") -> None:
-        """Learn whatever the trigger needs before poisoning (no-op for fixed triggers)."""
+    def fit(
+        self, train: ImageDataset, device: torch.device | str = "cpu", victim: dict[str, Any] | None = None
+    ) -> None:
+        """Learn whatever the trigger needs before poisoning (no-op for fixed triggers).
+
+        ``victim`` describes the classifier the run trains (``{"model": name, "width": width}``),
+        for attacks whose paper builds a reference model like the victim; ``None`` when unknown."""
 
     def figures(self) -> dict[str, bytes]:
         """PNG figures the attack made while fitting (e.g. a Fourier heatmap), by file name; the run

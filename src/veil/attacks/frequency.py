@@ -92,8 +92,11 @@ class FrequencyConfig(AttackConfig):
             ``attack.safetensors`` of an earlier frequency run) to reuse instead of computing one.
         reference_model, reference_width, reference_epochs: when neither ``heatmap_path`` nor
             ``reference_run`` is given, :meth:`FrequencyAttack.fit` trains ``f_0`` on the clean
-            training set with veil's :class:`veil.train.Trainer` (``preact_resnet18``, width 16,
-            4 epochs: veil's CPU-scale recipe).
+            training set with veil's :class:`veil.train.Trainer` for ``reference_epochs`` (4).
+            ``reference_model=None`` (the default) takes the victim's architecture and width, as
+            the paper's f_0 is a clean model of the victim's kind
+            (:meth:`FrequencyAttack.reference_architecture`); ``reference_width`` overrides the
+            width (``None``: the victim's, or the named model's default).
         heatmap_images: seeded sample of training images the heatmap is computed on (512).
         alpha: L2 norm of the heatmap's basis perturbation (4, Yin et al. 2019).
         calibration_images: most training images the norm bound is calibrated on: the rows the
@@ -105,8 +108,8 @@ class FrequencyConfig(AttackConfig):
     channel_ratios: tuple[float, ...] = (1.0, -0.6, 0.3)
     reference_run: str | None = None
     heatmap_path: str | None = None
-    reference_model: str = "preact_resnet18"
-    reference_width: int | None = 16
+    reference_model: str | None = None
+    reference_width: int | None = None
     reference_epochs: int = 4
     heatmap_images: int = 512
     alpha: float = DEFAULT_ALPHA
@@ -172,13 +175,22 @@ class FrequencyAttack(Attack):
     def fitted(self) -> bool:
         return self.values is not None
 
-    def fit(self, train: ImageDataset, device: torch.device | str = "cpu", *, heatmap: Tensor | None = None) -> None:
+    def fit(
+        self,
+        train: ImageDataset,
+        device: torch.device | str = "cpu",
+        victim: dict[str, Any] | None = None,
+        *,
+        heatmap: Tensor | None = None,
+    ) -> None:
         """Stage 1: heatmap, top-k mask and the per-channel values calibrated to ``delta_p``.
 
         Args:
             train: the clean training set (its images calibrate the norm bound; it trains ``f_0``
                 when no reference is given).
             device: where ``f_0`` is trained and the heatmap computed.
+            victim: the run's classifier (``{"model", "width"}``); a trained ``f_0`` is of its
+                architecture unless ``reference_model`` says otherwise.
             heatmap: an ``(H, W)`` heatmap to use instead of ``heatmap_path`` / ``reference_run`` /
                 training ``f_0``.
         """
@@ -212,7 +224,7 @@ class FrequencyAttack(Attack):
             heat, source = self._heatmap_of(model, train, device), f"reference run {c.reference_run}"
             self._cache_heatmap(self.heatmap_cache_path(train), heat)
         else:
-            heat, source = self._heatmap_of(self._train_reference(train, device), train, device), "trained f_0"
+            heat, source = self._heatmap_of(self._train_reference(train, device, victim), train, device), "trained f_0"
         if heat.shape != self.image_shape[1:]:
             raise ConfigError(f"heatmap has shape {tuple(heat.shape)}, images are {self.image_shape[1:]}")
         heat = torch.maximum(heat, conjugate_mirror(heat))  # one value per basis
@@ -261,21 +273,31 @@ class FrequencyAttack(Attack):
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)
         return torch.randperm(len(train), generator=g)[: min(n, len(train))].sort().values
 
-    def _train_reference(self, train: ImageDataset, device: torch.device | str) -> nn.Module:
+    def reference_architecture(self, victim: dict[str, Any] | None = None) -> tuple[str, int | None]:
+        """``(model, width)`` of a trained ``f_0``: ``reference_model`` and ``reference_width`` when
+        set; else the victim's (the paper's f_0 is a clean model of the victim's kind); else veil's
+        CPU-scale ``preact_resnet18`` at width 16 (no victim known, e.g. ``fit`` called directly)."""
+        c = self.config
+        if c.reference_model is not None:
+            return c.reference_model, c.reference_width
+        if victim is not None and victim.get("model"):
+            return str(victim["model"]), c.reference_width if c.reference_width is not None else victim.get("width")
+        return "preact_resnet18", c.reference_width if c.reference_width is not None else 16
+
+    def _train_reference(self, train: ImageDataset, device: torch.device | str,
+                         victim: dict[str, Any] | None = None) -> nn.Module:
         """Train ``f_0`` (stage 1, step 1) on the clean training set."""
         from veil.models import create_model
         from veil.train import TrainConfig, Trainer
 
         c = self.config
         ch, h, _ = self.image_shape
+        name, width = self.reference_architecture(victim)
         log.info(
             "frequency: training the clean reference f_0 (%s, width %s, %d epochs) on %d images",
-            c.reference_model, c.reference_width, c.reference_epochs, len(train),
+            name, width, c.reference_epochs, len(train),
         )
-        model = create_model(
-            c.reference_model, num_classes=self.num_classes, image_size=h, width=c.reference_width,
-            in_channels=ch, seed=c.seed,
-        )
+        model = create_model(name, num_classes=self.num_classes, image_size=h, width=width, in_channels=ch, seed=c.seed)
         Trainer(model, train, TrainConfig(epochs=c.reference_epochs, seed=c.seed), device=device).fit()
         return model.eval()
 

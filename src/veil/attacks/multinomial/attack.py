@@ -181,7 +181,9 @@ class MultinomialAttack(Attack):
         return super().poison_count_for(dataset)
 
     # ------------------------------------------------------------------ SampleNet
-    def fit(self, train: ImageDataset, device: torch.device | str = "cpu") -> None:
+    def fit(
+        self, train: ImageDataset, device: torch.device | str = "cpu", victim: dict[str, Any] | None = None
+    ) -> None:
         """Train SampleNet (seconds; cached per process) before training the generator."""
         if train.image_shape != self.image_shape:
             raise ConfigError(
