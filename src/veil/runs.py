@@ -152,6 +152,20 @@ class RunConfig:
         from veil.models import model_class
 
         model_class(self.model).check_image_size(self.image_size)
+        self.check_attack_options()
+
+    def check_attack_options(self) -> None:
+        """The attack options against the attack's Config, without building the attack (which may
+        need data): names, and values its Config refuses."""
+        from veil.options import build_options
+
+        cls = ATTACKS.get(self.attack)
+        shared = ("target", "mode", "poison_rate", "poison_count", "seed")
+        clash = sorted(set(self.attack_options) & set(shared))
+        if clash:
+            raise ConfigError(f"attack option {clash[0]!r} is a run setting; set {clash[0]} directly, not under attack_options")
+        build_options("attack", self.attack, cls.Config, {**self.attack_options, **{k: getattr(self, k) for k in shared}},
+                      hidden=frozenset(shared))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -691,31 +691,9 @@ def _build_config(
     try:
         config = resolve_config(given, recipe, recipe_name)
         config.validate()
-        _check_attack_options(config)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return config
-
-
-def _check_attack_options(config: RunConfig) -> None:
-    from veil.attacks import ATTACKS
-
-    cls = ATTACKS.get(config.attack)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    shared = {"target", "mode", "poison_rate", "poison_count", "seed"}
-    clash = sorted(set(config.attack_options) & shared)
-    if clash:
-        raise ConfigError(f"attack option {clash[0]!r} is a run setting; set {clash[0]} directly, not under attack_options")
-    unknown = sorted(k for k, v in config.attack_options.items() if v is not None and k not in fields)
-    if unknown:
-        raise ConfigError(f"attack {config.attack!r} has no option(s) {', '.join(unknown)}; options: {', '.join(sorted(fields - shared))}")
-    kwargs = {k: v for k, v in config.attack_options.items() if v is not None}
-    kwargs.update(target=config.target, mode=config.mode, poison_rate=config.poison_rate,
-                  poison_count=config.poison_count, seed=config.seed)
-    try:
-        cls.Config(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"attack {config.attack!r}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- the results table

@@ -106,15 +106,9 @@ class Attack:
     @classmethod
     def from_options(cls, num_classes: int, image_shape: tuple[int, int, int], **options: Any) -> Attack:
         """Build from keyword options, ignoring ``None`` values and refusing unknown names."""
-        fields = {f.name for f in dataclasses.fields(cls.Config)}
-        unknown = sorted(k for k, v in options.items() if v is not None and k not in fields)
-        if unknown:
-            raise ConfigError(f"attack {cls.name!r} has no option(s) {', '.join(unknown)}; options: {', '.join(sorted(fields))}")
-        kwargs = {k: v for k, v in options.items() if v is not None and k in fields}
-        try:
-            config = cls.Config(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"attack {cls.name!r}: {exc}") from exc
+        from veil.options import build_options
+
+        config = build_options("attack", cls.name, cls.Config, options)
         return cls(config, num_classes, image_shape)
 
     def _validate(self) -> None:

@@ -225,17 +225,9 @@ class Defense:
     @classmethod
     def from_options(cls, progress: bool = True, **options: Any) -> Defense:
         """Build from keyword options, ignoring ``None`` values and refusing unknown names."""
-        fields = {f.name for f in dataclasses.fields(cls.Config)}
-        unknown = sorted(k for k, v in options.items() if v is not None and k not in fields)
-        if unknown:
-            known = ", ".join(sorted(fields)) or "(none)"
-            raise ConfigError(f"defense {cls.name!r} has no option(s) {', '.join(unknown)}; options: {known}")
-        try:
-            config = cls.Config(**{k: v for k, v in options.items() if v is not None})
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"defense {cls.name!r}: {exc}") from exc
+        from veil.options import build_options
+
+        config = build_options("defense", cls.name, cls.Config, options)
         return cls(config, progress=progress)
 
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> DefenseResult:
