@@ -258,3 +258,14 @@ def test_evaluation_during_training_reads_a_subset_and_the_final_one_the_whole_t
                                                  (["--eval-images", "0"], "eval_images must be 'auto', 'all' or a positive")])
 def test_bad_evaluation_settings_get_one_clear_line(tmp_path, capsys, flags, expected):
     assert expected in error_line([*base_run(tmp_path), *flags], capsys)
+
+
+def test_demo_runs_offline_and_writes_both_runs_and_the_report(tmp_path, capsys):
+    """The README's first command, at one epoch: the bundled sample, no network, no ../shared."""
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(["demo", "--out", str(out), "--epochs", "1"], capsys)
+    assert code == 0, err
+    for run in ("none", "badnets"):
+        assert (out / run / "metrics.json").is_file()
+    assert (out / "report.html").stat().st_size > 1000
+    assert json.loads((out / "badnets" / "config.json").read_text())["attack"] == "badnets"
