@@ -36,7 +36,7 @@ from veil.runs import (  # noqa: F401  (LoadedRun, load_run re-exported)
     load_run,
     load_run_data,
 )
-from veil.train import TrainConfig, Trainer, predict, resolve_device
+from veil.train import Trainer, predict, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +191,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
             "eval_images": len(eval_test),
         }
 
-    train_cfg = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        schedule=config.schedule,
-        anneal_fraction=config.anneal_fraction,
-        optimizer=config.optimizer,
-        seed=config.seed,
-        augment=config.base_augment,
-        amp=amp,
-    )
+    train_cfg = config.train_config(amp=amp)
     hooks = [h for h in [attack.training_hook()] if h is not None]
     if config.augment:
         from veil.augment import build_augment_hook

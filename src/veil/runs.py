@@ -133,14 +133,7 @@ class RunConfig:
         for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
-        TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            schedule=self.schedule,
-            anneal_fraction=self.anneal_fraction,
-            optimizer=self.optimizer,
-        )
+        self.train_config()
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be 0 or more epochs, got {self.eval_every}")
         if not (self.eval_images in ("auto", "all") or (isinstance(self.eval_images, int) and self.eval_images > 0)):
@@ -166,6 +159,21 @@ class RunConfig:
             raise ConfigError(f"attack option {clash[0]!r} is a run setting; set {clash[0]} directly, not under attack_options")
         build_options("attack", self.attack, cls.Config, {**self.attack_options, **{k: getattr(self, k) for k in shared}},
                       hidden=frozenset(shared))
+
+    def train_config(self, amp: bool = True) -> TrainConfig:
+        """The trainer's settings of this run (validated by TrainConfig itself)."""
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            anneal_fraction=self.anneal_fraction,
+            optimizer=self.optimizer,
+            seed=self.seed,
+            augment=self.base_augment,
+            amp=amp,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from veil.attacks.base import Attack
 from veil.attacks.multinomial.config import NUM_LOSS_SCALE
 from veil.data.base import PoisonedDataset, to_float
 from veil.errors import ConfigError
 from veil.train import Batch, Trainer, TrainHook
 from veil.triggers.multinomial import SampleNet, sample_trigger
-
-if TYPE_CHECKING:
-    from veil.attacks.multinomial.attack import MultinomialAttack
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ class MultinomialHook(TrainHook):
     Adam optimiser steps with the classifier's.
     """
 
-    def __init__(self, attack: MultinomialAttack) -> None:
+    def __init__(self, attack: Attack) -> None:  # a MultinomialAttack (typed by its base: no import circle)
         self.attack = attack
         c = attack.config
         self.generator = attack.generator
