@@ -40,7 +40,7 @@ from veil.attacks import create_attack
 from veil.data.base import ImageDataset
 from veil.models import create_model
 from veil.records import atomic_write_json
-from veil.train import Batch, TrainConfig, Trainer, TrainHook
+from veil.train import Batch, StepContext, TrainConfig, Trainer, TrainHook
 
 
 class _StepTimer(TrainHook):
@@ -49,7 +49,7 @@ class _StepTimer(TrainHook):
     def __init__(self) -> None:
         self.stamps: list[float] = []
 
-    def after_step(self, trainer: Trainer, batch: Batch) -> None:
+    def after_step(self, ctx: StepContext, batch: Batch) -> None:
         self.stamps.append(time.perf_counter())
 
 

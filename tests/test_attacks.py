@@ -46,9 +46,9 @@ SMALL_OPTIONS: dict[str, dict[str, object]] = {"multinomial": {"width": 4, "leve
 
 
 def make(name: str, **options: object) -> Attack:
-    """The attack with defaults (and ``options``); fitted on synthetic data if it ``needs_fit``."""
+    """The attack with defaults (and ``options``); fitted on synthetic data if its kind is ``"fit"``."""
     options = {**SMALL_OPTIONS.get(name, {}), **options}
-    if not ATTACKS.get(name).needs_fit:
+    if ATTACKS.get(name).kind != "fit":
         return create_attack(name, NUM_CLASSES, SHAPE, **options)
     attack = create_attack(name, NUM_CLASSES, SHAPE, **{**FIT_OPTIONS.get(name, {}), **options})
     attack.fit(make_synthetic(32, num_classes=NUM_CLASSES, seed=7))

@@ -102,7 +102,7 @@ def test_trigger_is_differentiable_and_checks_its_inputs() -> None:
 def test_registered_and_unfitted_apply_is_refused() -> None:
     assert "frequency" in list_attacks()
     attack = create_attack("frequency", 4, SHAPE)
-    assert attack.needs_fit and attack.state_dict() == {} and attack.figures() == {}
+    assert attack.kind == "fit" and attack.state_dict() == {} and attack.figures() == {}
     with pytest.raises(RuntimeError, match="fit"):
         attack.apply(torch.rand(1, *SHAPE))
 

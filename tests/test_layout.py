@@ -143,3 +143,19 @@ def test_defenses_and_attacks_read_runs_through_the_loading_modules():
     assert readers
     offenders = {m: "veil.experiment" for m in readers if "veil.experiment" in graph[m]}
     assert offenders == {}
+
+
+def test_training_hooks_see_a_step_context_not_the_trainer():
+    """Every ``TrainHook`` in the library gets a ``StepContext``: no module that defines a hook
+    names ``Trainer``, nor a private attribute of it (``_forward``, ``use_amp``, ...)."""
+    hook_modules = [p for p in SRC.rglob("*.py") if "(TrainHook)" in p.read_text(encoding="utf-8")]
+    assert len(hook_modules) >= 2  # the multinomial attack and the compression augmentation
+    for path in hook_modules:
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert "Trainer" not in names, path
+        trainer_only = {"_forward", "use_amp", "global_step", "checkpoint_path", "scheduler"}
+        assert not attrs & trainer_only, (path, attrs & trainer_only)

@@ -4,6 +4,7 @@ and the run record. Tiny networks on synthetic data; the real-data run is marked
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from veil.attacks.multinomial import MultinomialAttack, MultinomialHook
 from veil.data.base import ImageDataset, to_float
 from veil.errors import ConfigError
 from veil.models import create_model
-from veil.train import Batch, TrainConfig, Trainer
+from veil.train import Batch, StepContext, TrainConfig, Trainer
 from veil.triggers.multinomial import (
     SampleNet,
     SampleNetSpec,
@@ -73,6 +74,11 @@ def trainer(
         device="cpu",
         progress=False,
     )
+
+
+def _at(t: Trainer, step: int) -> StepContext:
+    """The trainer's step context at global step ``step``."""
+    return dataclasses.replace(t.context(), step=step)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -246,16 +252,12 @@ def test_config_errors() -> None:
         {"entanglement": "l3"},
         {"num_loss": "x"},
         {"cls_weighting": "x"},
-        {"targets_per_image": 9},
-        {"settle_fraction": 1.0},
         {"tint_weight": -1.0},
         {"num_budget": 1.0},
-        {"train_sampling": "soft"},
         {"malicious_weight": 0.0},
         {"malicious_weight_from": 1.0},
         {"malicious_weight": 0.5, "cls_weighting": "per_image"},
         {"num_budget": -0.01},
-        {"settle_fraction": -0.1},
         {"noise_negatives": 1.5},
         {"noise_negatives": -0.1},
         {"noise_negatives_from": 1.0},
@@ -281,30 +283,18 @@ def test_beta_doubles_on_the_schedule_scaled_to_the_epoch_budget() -> None:
     )  # 3 steps per epoch; period 20 * 11 / 110 = 2 epochs
     hook = t.hooks[0]
     assert isinstance(hook, MultinomialHook)
-    betas = [
-        hook.beta_at(
-            t, Batch(torch.zeros(0), torch.zeros(0), torch.zeros(0), step=s, epoch=0)
-        )
-        for s in range(33)
-    ]
+    betas = [hook.beta_at(_at(t, s)) for s in range(33)]
     assert betas[0] == betas[5] == pytest.approx(0.1) and betas[6] == pytest.approx(0.2)
     assert (
         betas[-1] == pytest.approx(3.2) and len(set(betas)) == 6
     )  # five doublings, as in 110 epochs
     flat = attack(beta_period=0.0)
-    assert trainer(flat, data()).hooks[0].beta_at(t) == pytest.approx(0.1)  # type: ignore[attr-defined]
+    assert trainer(flat, data()).hooks[0].beta_at(t.context()) == pytest.approx(0.1)  # type: ignore[attr-defined]
     absolute = attack(beta_reference_epochs=0.0, beta_period=1.0)
     h2 = trainer(absolute, data(), epochs=11).hooks[0]
-    assert h2.beta_at(
-        t, Batch(torch.zeros(0), torch.zeros(0), torch.zeros(0), step=3, epoch=1)
-    ) == pytest.approx(0.2)  # type: ignore[attr-defined]
+    assert h2.beta_at(_at(t, 3)) == pytest.approx(0.2)  # type: ignore[attr-defined]
     capped = trainer(attack(poison_rate=1.0, beta_max=0.5), data(), epochs=11).hooks[0]
-    capped_betas = [
-        capped.beta_at(  # type: ignore[attr-defined]
-            t, Batch(torch.zeros(0), torch.zeros(0), torch.zeros(0), step=s, epoch=0)
-        )
-        for s in range(33)
-    ]
+    capped_betas = [capped.beta_at(_at(t, s)) for s in range(33)]  # type: ignore[attr-defined]
     assert capped_betas[:18] == pytest.approx(betas[:18])  # 0.1, 0.2, 0.4 unchanged
     assert capped_betas[18:] == pytest.approx([0.5] * 15)  # 0.8 .. 3.2 held at the cap
 
@@ -315,13 +305,13 @@ def _one_batch(
     t = trainer(a, ds)
     hook = t.hooks[0]
     assert isinstance(hook, MultinomialHook)
-    hook.setup(t)
-    hook.on_epoch_start(t, 0)
+    hook.setup(t.context())
+    hook.on_epoch_start(t.context(0))
     idx = torch.arange(16)
     batch = Batch(
         x=to_float(t.images[idx]), y=t.labels[idx], index=idx, step=0, epoch=0
     )
-    return t, hook, hook.transform_batch(t, batch)
+    return t, hook, hook.transform_batch(t.context(0), batch)
 
 
 def test_malicious_copies_and_their_targets() -> None:
@@ -335,16 +325,10 @@ def test_malicious_copies_and_their_targets() -> None:
     assert torch.equal(
         t.train_data.poison_indices, torch.nonzero(ds.labels != 2).flatten()
     )
-    # all targets: a copy of every row towards every label (the authors' recipe) or k of them
+    # all targets: a copy of every row towards every label (the authors' recipe)
     _, _, b_all = _one_batch(attack(all_targets=True, poison_rate=1.0), ds)
     assert b_all.x.shape[0] == 16 + 16 * 4
     assert torch.equal(b_all.y[16:], torch.arange(4).repeat(16))
-    _, _, b_k = _one_batch(
-        attack(all_targets=True, targets_per_image=2, poison_rate=1.0), ds
-    )
-    assert b_k.x.shape[0] == 16 + 16 * 2
-    pairs = b_k.y[16:].view(16, 2)
-    assert (pairs[:, 0] != pairs[:, 1]).all()
 
 
 def test_entanglement_loss_gradients_reach_the_classifier_and_the_generator() -> None:
@@ -380,7 +364,7 @@ def test_entanglement_loss_gradients_reach_the_classifier_and_the_generator() ->
 
 @pytest.mark.parametrize(("tint_weight", "malicious_weight"), [(0.0, 1.0), (2.0, 1.0), (0.0, 0.5)])
 def test_the_loss_is_equation_7(tint_weight: float, malicious_weight: float) -> None:
-    """Trainer's whole-batch CE + the hook's extra loss = CE(benign) + CE(malicious) + alpha L_etg
+    """The hook owns the batch's loss: CE(benign) + CE(malicious) + alpha L_etg
     + beta L_num (per-set means, as in the authors' code; L_num on their scale, half the expected
     changed share), + the optional tint penalty; the optional ``malicious_weight`` scales
     CE(malicious)."""
@@ -391,9 +375,7 @@ def test_the_loss_is_equation_7(tint_weight: float, malicious_weight: float) -> 
     )
     t, hook, batch = _one_batch(a, data())
     features, logits = t._forward(batch.x)
-    total = F.cross_entropy(logits, batch.y) + hook.extra_loss(
-        t, batch, features, logits
-    )  # type: ignore[operator]
+    total = hook.batch_loss(t.context(0), batch, features, logits)
     n = 16
     expected = (
         F.cross_entropy(logits[:n], batch.y[:n])
@@ -422,24 +404,21 @@ def test_malicious_weight_applies_from_its_share_of_the_steps() -> None:
     t = trainer(a, data(), epochs=2)  # 3 steps per epoch
     hook = t.hooks[0]
     assert isinstance(hook, MultinomialHook)
-    weights = [hook.malicious_weight_at(t, Batch(x=None, y=None, index=None, step=s, epoch=0)) for s in range(6)]  # type: ignore[arg-type]
+    weights = [hook.malicious_weight_at(_at(t, s)) for s in range(6)]
     assert weights == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
-    assert attack(malicious_weight=0.5).training_hook().malicious_weight_at(t, None) == 0.5  # type: ignore[union-attr]
+    assert attack(malicious_weight=0.5).training_hook().malicious_weight_at(t.context()) == 0.5  # type: ignore[union-attr]
 
 
 def test_num_budget_leaves_the_changed_share_below_it_free() -> None:
     """``num_budget`` turns ``beta * L_num`` into ``beta * 0.5 * max(0, share - budget)`` (the
     authors' scale): below the budget the term and its gradient vanish (the generator's gradient
     is the ``beta=0`` one), above it the term is half the excess."""
-    import torch.nn.functional as F
 
     def loss_and_grads(**options: object) -> tuple[float, float, list[torch.Tensor]]:
         a = attack(poison_rate=1.0, alpha=0.0, **options)
         t, hook, batch = _one_batch(a, data())
         features, logits = t._forward(batch.x)
-        extra = hook.extra_loss(t, batch, features, logits)
-        assert extra is not None
-        total = F.cross_entropy(logits, batch.y) + extra
+        total = hook.batch_loss(t.context(0), batch, features, logits)
         total.backward()
         grads = [p.grad.clone() for p in a.generator.parameters() if p.grad is not None]
         return total.item(), float(hook._pending["num"].detach()), grads
@@ -513,72 +492,6 @@ def test_cotraining_is_deterministic_and_resumable(tmp_path) -> None:  # type: i
         assert torch.equal(v1, v3), k
 
 
-def test_settle_phase_freezes_the_generator_and_trains_on_the_exact_trigger() -> None:
-    """``settle_fraction=0.5`` of 2 epochs (3 steps each): steps 0-2 co-train with SampleNet's
-    soft sample, steps 3-5 give the classifier exact, 8-bit, one-grey-level triggers from the
-    frozen generator, which then ends as it was after step 3."""
-
-    a_full, t_full = _cotrain(3, poison_rate=1.0, settle_fraction=0.5)
-    a_cut, t_cut = _cotrain(3, stop=3, poison_rate=1.0, settle_fraction=0.5)
-    for (k, v1), v2 in zip(a_full.state_dict().items(), a_cut.state_dict().values()):
-        assert torch.equal(v1, v2), k
-    assert any(
-        not torch.equal(v, w)
-        for v, w in zip(t_full.model.state_dict().values(), t_cut.model.state_dict().values())
-    ), "the classifier keeps training"
-    assert t_full.history[-1]["multinomial_beta"] == 0.0  # no L_num while settling
-    # the malicious copies: soft before the settle phase, exact one-grey-level steps within it
-    a = attack(poison_rate=1.0, settle_fraction=0.5)
-    t = trainer(a, data(), epochs=2)
-    hook = t.hooks[0]
-    assert isinstance(hook, MultinomialHook)
-    hook.setup(t)
-    hook.on_epoch_start(t, 0)
-    assert [hook.settling(t, Batch(x=None, y=None, index=None, step=s, epoch=0)) for s in range(6)] == [  # type: ignore[arg-type]
-        False, False, False, True, True, True
-    ]
-    idx = torch.arange(16)
-    for step, exact in ((0, False), (3, True)):
-        b = hook.transform_batch(
-            t, Batch(x=to_float(t.images[idx]), y=t.labels[idx], index=idx, step=step, epoch=0)
-        )
-        src = idx[t.labels[idx] != 0]
-        delta = b.x[16:] * 255 - t.images[src].float()
-        on_grid = torch.allclose(delta, delta.round(), atol=1e-3)
-        assert on_grid == exact
-        assert delta.abs().max() <= 1 + 1e-3
-        if exact:
-            assert not b.x.requires_grad and (delta.round() != 0).any()
-
-
-def test_straight_through_trains_on_the_exact_trigger_with_samplenet_gradients() -> None:
-    """``train_sampling="straight_through"``: the malicious copies carry the exact, 8-bit,
-    one-grey-level trigger the evaluation uses, and the classification loss on them still
-    reaches the generator (through SampleNet's soft sample, as in the paper's training)."""
-    import torch.nn.functional as F
-
-    a = attack(poison_rate=1.0, train_sampling="straight_through")
-    t, _, b = _one_batch(a, data())
-    src = torch.arange(16)[t.labels[:16] != 0]
-    delta = b.x[16:] * 255 - t.images[src].float()
-    assert torch.allclose(delta, delta.round(), atol=1e-3)
-    assert set(delta.round().unique().tolist()) == {-1.0, 0.0, 1.0}
-    assert b.x.requires_grad
-    _, logits = t._forward(b.x)
-    F.cross_entropy(logits[16:], b.y[16:]).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.generator.parameters())
-    # the same noise through the paper's SampleNet path gives soft, off-grid copies
-    _, _, soft = _one_batch(attack(poison_rate=1.0), data())
-    soft_delta = soft.x[16:] * 255 - t.images[src].float()
-    assert not torch.allclose(soft_delta, soft_delta.round(), atol=1e-3)
-    assert torch.equal(soft.y, b.y)
-    # a short co-training run with it is deterministic
-    a1, _ = _cotrain(4, poison_rate=1.0, train_sampling="straight_through")
-    a2, _ = _cotrain(4, poison_rate=1.0, train_sampling="straight_through")
-    for (k, v1), v2 in zip(a1.state_dict().items(), a2.state_dict().values()):
-        assert torch.equal(v1, v2), k
-
-
 def test_noise_negatives_put_random_one_level_noise_on_benign_rows_with_their_labels() -> None:
     """``noise_negatives``: from its share of the steps on, that share of the benign rows carry
     random +-1 noise (8-bit, at most one grey level, about the trigger's density) and keep their
@@ -601,7 +514,7 @@ def test_noise_negatives_put_random_one_level_noise_on_benign_rows_with_their_la
     t2 = trainer(a_late, ds, epochs=2)
     h2 = t2.hooks[0]
     assert isinstance(h2, MultinomialHook)
-    shares = [h2.noise_negatives_at(t2, Batch(x=None, y=None, index=None, step=s, epoch=0)) for s in range(6)]  # type: ignore[arg-type]
+    shares = [h2.noise_negatives_at(_at(t2, s)) for s in range(6)]
     assert shares == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     big = data(n=400)
     _, _, b_half = _one_batch(attack(poison_rate=1.0, noise_negatives=0.5), big)
@@ -628,9 +541,9 @@ def test_generator_schedule_follows_the_trainers_rate() -> None:
     seen: list[tuple[float, float]] = []
     original = hook.transform_batch
 
-    def spy(tr: Trainer, batch: Batch) -> Batch:
-        out = original(tr, batch)
-        seen.append((hook.optimizer.param_groups[0]["lr"], tr.optimizer.param_groups[0]["lr"]))
+    def spy(ctx: StepContext, batch: Batch) -> Batch:
+        out = original(ctx, batch)
+        seen.append((hook.optimizer.param_groups[0]["lr"], t.optimizer.param_groups[0]["lr"]))
         return out
 
     hook.transform_batch = spy  # type: ignore[method-assign]
@@ -800,8 +713,6 @@ def test_run_records_the_generator_and_the_paper_metrics(tmp_path, capsys) -> No
     args2 = [a if a != str(out) else str(tmp_path / "all") for a in args]
     args2 += [
         "--all-targets",
-        "--attack-opt",
-        "targets_per_image=3",
         "--attack-opt",
         "asr_images_per_label=4",
     ]

@@ -9,7 +9,7 @@ from torch import nn
 from veil.data.base import ImageDataset
 from veil.errors import CheckpointError, ConfigError
 from veil.records import atomic_torch_save
-from veil.train import Batch, TrainConfig, Trainer, TrainHook, predict
+from veil.train import Batch, StepContext, TrainConfig, Trainer, TrainHook, predict
 
 
 class TinyCNN(nn.Module):
@@ -113,27 +113,27 @@ class Recorder(TrainHook):
     def optimizers(self):
         return (self.opt,)
 
-    def on_epoch_start(self, trainer, epoch):
+    def on_epoch_start(self, ctx):
         self.calls["epoch_start"] += 1
 
-    def transform_batch(self, trainer, batch: Batch) -> Batch:
+    def transform_batch(self, ctx, batch: Batch) -> Batch:
         self.calls["transform"] += 1
         batch.x = (batch.x + self.gen).clamp(0, 1)  # the 'generator' shifts brightness
         return batch
 
-    def extra_loss(self, trainer, batch, features, logits):
+    def extra_loss(self, ctx, batch, features, logits):
         self.calls["extra"] += 1
         return 0.01 * features.pow(2).mean()
 
-    def train_classifier(self, trainer, batch):
+    def train_classifier(self, ctx, batch):
         return batch.step % 2 == 0  # alternate: odd steps train only the generator
 
-    def after_step(self, trainer, batch):
+    def after_step(self, ctx, batch):
         self.calls["after"] += 1
         if self.gen.grad is not None:
             self.gen_grads.append(float(self.gen.grad.abs()))
         with torch.no_grad():
-            for p in trainer.model.parameters():
+            for p in ctx.model.parameters():
                 p.clamp_(-0.5, 0.5)  # parameter clip
 
     def state_dict(self):
@@ -170,6 +170,57 @@ def test_hooks_add_loss_cotrain_clip_and_alternate():
     changed = [k for k, v in t.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
     assert all(p.abs().max() <= 0.5 + 1e-6 for p in t.model.parameters())
+
+
+class LossOwner(TrainHook):
+    """Owns every batch's loss (the cross-entropy doubled) and records the contexts it sees."""
+
+    def __init__(self) -> None:
+        self.contexts: list[StepContext] = []
+
+    def batch_loss(self, ctx, batch, features, logits):
+        self.contexts.append(ctx)
+        return 2 * nn.functional.cross_entropy(logits.float(), batch.y)
+
+
+def test_a_hook_can_own_the_loss_and_sees_a_step_context():
+    """With a hook that owns the loss, the step's loss is the hook's (here twice the
+    cross-entropy, so the recorded loss is twice that of the same run without it, at the first
+    step), ``extra_loss`` terms still add to it, and the context reports the step, progress,
+    schedule factor and a forward that is the classifier's; two owners are refused."""
+    owner = LossOwner()
+    t = _trainer(epochs=2, hooks=[owner], schedule="constant", augment=False)
+    losses = []
+    orig_step = t._step
+
+    def spy(idx, epoch):
+        out = orig_step(idx, epoch)
+        losses.append(out[0])
+        return out
+
+    t._step = spy  # type: ignore[method-assign]
+    t.fit()
+    plain = _trainer(epochs=1, schedule="constant", augment=False)
+    first = plain._step(plain._epoch_order(0)[:32], 0)[0]
+    assert losses[0] == pytest.approx(2 * first, rel=1e-5)
+    steps = [c.step for c in owner.contexts]
+    assert steps == list(range(2 * t.steps_per_epoch))
+    assert [c.epoch for c in owner.contexts] == [s // t.steps_per_epoch for s in steps]
+    assert owner.contexts[0].progress == 0.0 and owner.contexts[-1].progress == pytest.approx(1 - 1 / len(steps))
+    assert all(c.lr_factor == 1.0 for c in owner.contexts)
+    assert owner.contexts[-1].reached(0.5) and not owner.contexts[0].reached(0.5)
+    x = torch.rand(3, 3, 16, 16)
+    f, logits = owner.contexts[0].forward(x)
+    assert f.shape == (3, 8) and torch.allclose(logits, t.model(x), atol=1e-6)
+    # extra_loss of another hook adds to the owned loss; a second owner is an error
+    both = _trainer(epochs=1, hooks=[LossOwner(), Recorder()], schedule="constant")
+    both.fit()
+    with pytest.raises(ConfigError, match="more than one training hook owns"):
+        _trainer(epochs=1, hooks=[LossOwner(), LossOwner()]).fit()
+    # the cosine schedule's factor reaches the context
+    cos = LossOwner()
+    _trainer(epochs=2, hooks=[cos]).fit()
+    assert cos.contexts[-1].lr_factor < 0.05 < max(c.lr_factor for c in cos.contexts)
 
 
 def test_train_config_validation():

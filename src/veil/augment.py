@@ -34,17 +34,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from veil.data.base import ImageDataset
 from veil.errors import ConfigError
-from veil.train import Batch, TrainHook
-
-if TYPE_CHECKING:
-    from veil.train import Trainer
+from veil.train import Batch, StepContext, TrainHook
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +127,9 @@ class CompressionAugment(TrainHook):
         self._seen = 0
 
     # ------------------------------------------------------------------ hook
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, ctx: StepContext) -> None:
         if self.autoencoder is not None:
-            self.autoencoder.to(trainer.device)
+            self.autoencoder.to(ctx.device)
 
     def draw(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
         """One batch of random choices: (replace? ``(B,)`` bool, JPEG quality ``(B,)``, kind index
@@ -163,10 +160,10 @@ class CompressionAugment(TrainHook):
             out[rows_dev] = new.to(out.dtype)
         return out
 
-    def transform_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+    def transform_batch(self, ctx: StepContext, batch: Batch) -> Batch:
         chosen, quality, kind = self.draw(batch.x.shape[0])
         if self.only_poisoned:
-            poison = getattr(trainer.train_data, "poison_indices", None)
+            poison = getattr(ctx.train_data, "poison_indices", None)
             if poison is None or poison.numel() == 0:
                 chosen = torch.zeros_like(chosen)
             else:
@@ -177,7 +174,7 @@ class CompressionAugment(TrainHook):
             batch.x = self.apply(batch.x, chosen, quality, kind)
         return batch
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+    def on_epoch_end(self, ctx: StepContext) -> dict[str, float]:
         frac = self._replaced / max(1, self._seen)
         self._replaced = self._seen = 0
         return {"augment_fraction": frac}

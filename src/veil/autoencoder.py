@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from veil.data.base import ImageDataset, to_float
 from veil.errors import CheckpointError, ConfigError
+from veil.inference import batched, module_device
 from veil.records import atomic_save_tensors, load_tensors
 
 log = logging.getLogger(__name__)
@@ -121,16 +122,12 @@ def autoencode(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     Returns:
         Float reconstructions in ``[0, 1]`` on ``x``'s device.
     """
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outs = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(dev)
-        xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-        outs.append(model(xb.contiguous(memory_format=_memory_format(dev))).contiguous().to(x.device))
-    model.train(was_training)
-    return torch.cat(outs) if outs else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    dev = module_device(model)
+    out = batched(model, x, lambda m, xb: m(xb).contiguous(), batch_size=batch_size,
+                  channels_last=_memory_format(dev) == torch.channels_last, keep_device=True)
+    return out.to(x.device)
 
 
 @torch.no_grad()

@@ -181,7 +181,8 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
 
     amp = not attack.full_precision
     eval_test = eval_subset(config, train, test)  # what the evaluations during training read
-    static_eval = attack.poison_test(eval_test) if attack.static_poison else None
+    # the poisoned test set is fixed unless the attack controls training (then it changes by epoch)
+    static_eval = attack.poison_test(eval_test) if attack.kind != "train" else None
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         pt = static_eval if static_eval is not None else attack.poison_test(eval_test)

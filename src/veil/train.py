@@ -10,8 +10,10 @@
 * Checkpoints (model, optimiser, schedule, every RNG state, hook state, history) written atomically
   every epoch and every ``checkpoint_every`` steps, so a killed run resumes where it stopped and ends
   with exactly the weights an uninterrupted run would have.
-* :class:`TrainHook` lets an attack add loss terms, co-train a generator, clip parameters after each
-  step, or alternate what each iteration trains on.
+* :class:`TrainHook` lets an attack add loss terms or own a batch's loss, co-train a generator, clip
+  parameters after each step, or alternate what each iteration trains on. Hooks see training
+  through a :class:`StepContext` (progress, learning-rate factor, device, autocast, a forward that
+  returns features and logits), never through the trainer itself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from veil.data.augment import CROP_PADDING, BatchAugment
 from veil.data.base import ImageDataset, to_float
 from veil.errors import CheckpointError, ConfigError
+from veil.inference import batched
 from veil.records import atomic_torch_save, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -125,19 +128,78 @@ class Batch:
     epoch: int
 
 
+Forward = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a :class:`TrainHook` sees of training at one call: public and read-only.
+
+    Attributes:
+        step: global step (0-based): the steps done before this one.
+        epoch: epoch (0-based).
+        step_in_epoch: step inside the epoch (0-based; above 0 at the start of an epoch only when
+            a run resumed in its middle).
+        steps_per_epoch: steps of one epoch.
+        epochs: epochs of the run.
+        lr_factor: the classifier's current learning rate over its base rate (the schedule).
+        device: where training runs.
+        autocast: whether the classifier's forward runs under bfloat16 autocast.
+        label_smoothing: the run's cross-entropy label smoothing.
+        model: the classifier (for hooks that read or clip its parameters).
+        train_data: the (possibly poisoned) training set.
+        images: its uint8 images on ``device``.
+        labels: its labels on ``device``.
+        forward: the classifier as ``x -> (penultimate features, logits)``.
+    """
+
+    step: int
+    epoch: int
+    step_in_epoch: int
+    steps_per_epoch: int
+    epochs: int
+    lr_factor: float
+    device: torch.device
+    autocast: bool
+    label_smoothing: float
+    model: nn.Module
+    train_data: ImageDataset
+    images: Tensor
+    labels: Tensor
+    forward: Forward
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Share of training done before this step, in [0, 1]."""
+        return self.step / max(1, self.total_steps)
+
+    def reached(self, share: float) -> bool:
+        """Whether this step is at or past ``ceil(share * total_steps)``."""
+        return self.step >= math.ceil(share * self.total_steps)
+
+    def autocast_context(self) -> torch.autocast:
+        """The autocast the classifier's training forward runs under."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+
 class TrainHook:
-    """Extension points of :class:`Trainer`; every method is a no-op by default.
+    """Extension points of :class:`Trainer`; every method is a no-op by default, and each gets the
+    :class:`StepContext` of the moment it is called.
 
-    The four uses the seed attacks need:
+    The uses the seed attacks need:
 
-    * add loss terms: :meth:`extra_loss`;
+    * add loss terms: :meth:`extra_loss`; or own a batch's loss outright: :meth:`batch_loss`;
     * co-train a generator: put it in :meth:`modules`, its optimiser in :meth:`optimizers`, and
       apply it in :meth:`transform_batch` (gradients flow from the classifier's loss into it);
     * clip parameters after each step: :meth:`after_step`;
     * alternate what each iteration trains on: :meth:`train_classifier` / :meth:`transform_batch`.
     """
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, ctx: StepContext) -> None:
         """Called once before training (after a resume, too)."""
 
     def modules(self) -> Sequence[nn.Module]:
@@ -148,25 +210,31 @@ class TrainHook:
         """Extra optimisers, zeroed and stepped with the classifier's."""
         return ()
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: StepContext) -> None:
         """Called at the start of each epoch (e.g. recompute a class-mean feature)."""
 
-    def transform_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+    def transform_batch(self, ctx: StepContext, batch: Batch) -> Batch:
         """Change a batch before augmentation (poison on the fly, add malicious copies)."""
         return batch
 
-    def extra_loss(self, trainer: Trainer, batch: Batch, features: Tensor, logits: Tensor) -> Tensor | None:
-        """A loss term added to the cross-entropy (features are the classifier's penultimate)."""
+    def batch_loss(self, ctx: StepContext, batch: Batch, features: Tensor, logits: Tensor) -> Tensor | None:
+        """The whole loss of the batch, replacing the trainer's cross-entropy (``None``: keep it).
+        At most one hook of a run may own a batch's loss; :meth:`extra_loss` terms of every hook are
+        added to it."""
         return None
 
-    def train_classifier(self, trainer: Trainer, batch: Batch) -> bool:
+    def extra_loss(self, ctx: StepContext, batch: Batch, features: Tensor, logits: Tensor) -> Tensor | None:
+        """A loss term added to the batch's loss (features are the classifier's penultimate)."""
+        return None
+
+    def train_classifier(self, ctx: StepContext, batch: Batch) -> bool:
         """Whether this step updates the classifier (False: only the hook's optimisers step)."""
         return True
 
-    def after_step(self, trainer: Trainer, batch: Batch) -> None:
+    def after_step(self, ctx: StepContext, batch: Batch) -> None:
         """Called after the optimisers stepped (e.g. clip parameters)."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+    def on_epoch_end(self, ctx: StepContext) -> dict[str, float]:
         """Called at the end of each epoch; returned numbers go into the history."""
         return {}
 
@@ -307,6 +375,26 @@ class Trainer:
             safe_pointwise_convs(module)
         return module.to(memory_format=torch.channels_last)
 
+    # ------------------------------------------------------------------ what hooks see
+    def context(self, epoch: int | None = None) -> StepContext:
+        """The :class:`StepContext` of the current step."""
+        return StepContext(
+            step=self.global_step,
+            epoch=self.epoch if epoch is None else epoch,
+            step_in_epoch=self.step_in_epoch,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=self.config.epochs,
+            lr_factor=self.optimizer.param_groups[0]["lr"] / self.config.lr,
+            device=self.device,
+            autocast=self.use_amp,
+            label_smoothing=self.config.label_smoothing,
+            model=self.model,
+            train_data=self.train_data,
+            images=self.images,
+            labels=self.labels,
+            forward=self._forward,
+        )
+
     # ------------------------------------------------------------------ model split
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m = self.model
@@ -378,16 +466,18 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train for the configured epochs (resuming from the checkpoint if there is one)."""
         self.maybe_resume()
+        ctx = self.context()
         for h in self.hooks:
-            h.setup(self)
+            h.setup(ctx)
         cfg = self.config
         while self.epoch < cfg.epochs:
             epoch = self.epoch
             if self.step_in_epoch == 0:
                 self._aug_gen.manual_seed(cfg.seed * 7_919 + epoch + 1)
                 self._epoch_loss, self._epoch_correct, self._epoch_seen, self._epoch_time = 0.0, 0, 0, 0.0
+            ctx = self.context(epoch)
             for h in self.hooks:
-                h.on_epoch_start(self, epoch)
+                h.on_epoch_start(ctx)
             self.model.train()
             for h in self.hooks:
                 for m in h.modules():
@@ -432,8 +522,9 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "seconds": self._epoch_time,
             }
+            ctx = self.context(epoch)
             for h in self.hooks:
-                record.update(h.on_epoch_end(self, epoch))
+                record.update(h.on_epoch_end(ctx))
             last = epoch + 1 == cfg.epochs
             if self.evaluate is not None and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
                 self.model.eval()
@@ -456,24 +547,32 @@ class Trainer:
 
     def _step(self, idx: Tensor, epoch: int) -> tuple[float, int, int]:
         cfg = self.config
+        ctx = self.context(epoch)
         x = to_float(self.images[idx])
         batch = Batch(x=x, y=self.labels[idx], index=idx, step=self.global_step, epoch=epoch)
         for h in self.hooks:
-            batch = h.transform_batch(self, batch)
+            batch = h.transform_batch(ctx, batch)
         if self.augment is not None:
             batch.x = self.augment(batch.x, self._aug_gen)
         if self.channels_last:
             batch.x = batch.x.contiguous(memory_format=torch.channels_last)
-        train_clf = all(h.train_classifier(self, batch) for h in self.hooks)
+        train_clf = all(h.train_classifier(ctx, batch) for h in self.hooks)
         self.optimizer.zero_grad(set_to_none=True)
         for h in self.hooks:
             for o in h.optimizers():
                 o.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             features, logits = self._forward(batch.x)
-            loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=cfg.label_smoothing)
+            owned = [(h, v) for h in self.hooks if (v := h.batch_loss(ctx, batch, features, logits)) is not None]
+            if len(owned) > 1:
+                names = ", ".join(type(h).__name__ for h, _ in owned)
+                raise ConfigError(f"more than one training hook owns the batch's loss ({names}); at most one may")
+            if owned:
+                loss = owned[0][1]
+            else:
+                loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=cfg.label_smoothing)
             for h in self.hooks:
-                extra = h.extra_loss(self, batch, features, logits)
+                extra = h.extra_loss(ctx, batch, features, logits)
                 if extra is not None:
                     loss = loss + extra
         if not torch.isfinite(loss):
@@ -486,7 +585,7 @@ class Trainer:
                 o.step()
         self.scheduler.step()
         for h in self.hooks:
-            h.after_step(self, batch)
+            h.after_step(ctx, batch)
         with torch.no_grad():
             correct = int((logits.argmax(1) == batch.y).sum())
         return float(loss.detach()), correct, int(batch.y.numel())
@@ -519,7 +618,6 @@ def safe_pointwise_convs(module: nn.Module) -> nn.Module:
     return module
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     images: Tensor,
@@ -528,17 +626,7 @@ def predict(
     amp: bool = True,
 ) -> Tensor:
     """Predicted labels for uint8 (or float [0, 1]) images, in batches, in eval mode (bfloat16
-    autocast on CUDA unless ``amp`` is False)."""
-    dev = next(model.parameters()).device if device is None else torch.device(device)
-    was_training = model.training
-    model.eval()
-    preds = []
-    for i in range(0, images.shape[0], batch_size):
-        xb = images[i : i + batch_size].to(dev)
-        xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-        if xb.dim() == 4:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-            preds.append(model(xb).argmax(1).cpu())
-    model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    autocast on CUDA unless ``amp`` is False; the channels-last layout the trainer uses)."""
+    if images.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long)
+    return batched(model, images, lambda m, x: m(x).argmax(1), batch_size=batch_size, device=device, amp=amp, channels_last=True)

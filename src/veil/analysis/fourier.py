@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from veil.inference import eval_mode
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -173,11 +175,9 @@ def fourier_heatmap(
     errors = torch.zeros(len(pairs), dtype=torch.float64)
     per_basis = max(1, batch_size // n)  # bases per forward pass when all images fit in one
     img_chunk = min(n, batch_size)
-    was_training = model.training
-    model.eval()
     channels_last = dev.type == "cpu"
     bar = tqdm(total=len(pairs), desc="fourier heatmap", unit="basis", disable=not progress, leave=False)
-    try:
+    with eval_mode(model):
         for p0 in range(0, len(pairs), per_basis):
             p1 = min(len(pairs), p0 + per_basis)
             for i0 in range(0, n, img_chunk):
@@ -192,9 +192,7 @@ def fourier_heatmap(
                 wrong = (pred.view(p1 - p0, i1 - i0) != y[i0:i1]).sum(1)
                 errors[p0:p1] += wrong.double().cpu()
             bar.update(p1 - p0)
-    finally:
-        bar.close()
-        model.train(was_training)
+    bar.close()
     heat = torch.zeros(h, w, dtype=torch.float64)
     ii = torch.tensor([p[0] for p in pairs])
     jj = torch.tensor([p[1] for p in pairs])

@@ -1,10 +1,11 @@
 """The attack API every attack in veil implements.
 
 An attack is configured by a frozen dataclass (``Attack.Config``) whose defaults cite its paper.
-Data-poisoning attacks (BadNets, Blend, ...) implement :meth:`Attack.apply`, a pure batched
-trigger function on images in ``[0, 1]``; attacks that learn a trigger first override
-:meth:`Attack.fit`; attacks that also control training (adaptive, multinomial, ATTEQ) return a
-:class:`veil.train.TrainHook` from :meth:`Attack.training_hook`.
+An attack declares its :attr:`Attack.kind` (:data:`ATTACK_KINDS`). Data-poisoning attacks
+(``"poison"``: BadNets, Blend, ...) implement :meth:`Attack.apply`, a pure batched trigger
+function on images in ``[0, 1]``; attacks that learn a trigger first (``"fit"``: frequency)
+override :meth:`Attack.fit`; attacks that control training (``"train"``: adaptive, multinomial,
+ATTEQ) return a :class:`veil.train.TrainHook` from :meth:`Attack.training_hook`.
 
 Poisoned images are quantised to 8 bits, as a saved poisoned image would be, both when the training
 set is poisoned and when test images are poisoned to measure the attack success rate.
@@ -28,6 +29,16 @@ if TYPE_CHECKING:
     from veil.train import TrainHook
 
 log = logging.getLogger(__name__)
+
+AttackKind = Literal["poison", "fit", "train"]
+#: the kinds of attack and what each means for the run that mounts it
+ATTACK_KINDS: dict[str, str] = {
+    "poison": "poisons data only: its trigger is fixed by its options, and apply() works from the start",
+    "fit": "fits its trigger first: fit() learns it (from a reference model, an optimisation) before "
+    "apply() works, then it poisons data",
+    "train": "controls the victim's training: training_hook() co-trains or reshapes training, and the "
+    "poisoned images depend on training, so the hook poisons batches on the fly",
+}
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
@@ -79,12 +90,8 @@ class Attack:
     Config: ClassVar[type[AttackConfig]] = AttackConfig
     #: clean-label attacks poison only target-class images and keep their labels
     clean_label: ClassVar[bool] = False
-    #: attacks whose poisoned training images depend on training (generators) set this False;
-    #: the trainer then asks the training hook to poison batches on the fly
-    static_poison: ClassVar[bool] = True
-    #: attacks whose trigger is learned by :meth:`fit` (e.g. from a reference model) and cannot
-    #: :meth:`apply` before it (or before :meth:`load_state_dict`) set this True
-    needs_fit: ClassVar[bool] = False
+    #: what the attack is, for the run that mounts it (see :data:`ATTACK_KINDS`)
+    kind: ClassVar[AttackKind] = "poison"
     #: attacks whose trigger lives below bfloat16's resolution (one grey level) set this True:
     #: ``veil run`` then trains without bfloat16 autocast on CUDA
     full_precision: ClassVar[bool] = False
@@ -93,6 +100,11 @@ class Attack:
     #: and sweeps use them for every setting the user (or a recipe) leaves unset, and record each
     #: setting's source; empty where the paper gives none (veil's defaults then apply)
     paper_training: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind not in ATTACK_KINDS:
+            raise TypeError(f"{cls.__name__}.kind is {cls.kind!r}; kinds: {', '.join(ATTACK_KINDS)}")
 
     def __init__(self, config: AttackConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         if not isinstance(config, self.Config):
@@ -279,8 +291,8 @@ class Attack:
 
     def training_set(self, dataset: ImageDataset) -> PoisonedDataset:
         """The training set the trainer gets: :meth:`poison` for attacks that poison data before
-        training; attacks with ``static_poison = False`` return the clean images with the rows
-        their training hook poisons on the fly as ``poison_indices``."""
+        training; attacks of kind ``"train"`` return the clean images with the rows their training
+        hook poisons on the fly as ``poison_indices``."""
         return self.poison(dataset)
 
     def poison_test(self, dataset: ImageDataset) -> ImageDataset:

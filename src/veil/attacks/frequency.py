@@ -56,7 +56,7 @@ from veil.analysis.fourier import (
     save_heatmap,
     top_k_mask,
 )
-from veil.attacks.base import Attack, AttackConfig, register_attack
+from veil.attacks.base import Attack, AttackConfig, AttackKind, register_attack
 from veil.data.base import ImageDataset, quantize, to_float
 from veil.errors import ConfigError
 from veil.triggers.frequency import frequency_trigger
@@ -138,7 +138,7 @@ class FrequencyAttack(Attack):
     """
 
     Config = FrequencyConfig
-    needs_fit: ClassVar[bool] = True
+    kind: ClassVar[AttackKind] = "fit"
 
     def __init__(self, config: FrequencyConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         super().__init__(config, num_classes, image_shape)

@@ -45,6 +45,7 @@ from veil.errors import ConfigError
 from veil.metrics import accuracy
 from veil.records import atomic_write_json, read_json
 from veil.registry import Registry
+from veil.inference import module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -285,13 +286,6 @@ def list_defenses(kind: str | None = None) -> list[str]:
 Transform = Callable[[Tensor], Tensor]
 
 
-def model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def transformed_accuracy(
     model: nn.Module, data: ImageDataset, transform: Transform | None = None, batch_size: int = 512
@@ -308,7 +302,7 @@ def transformed_accuracy(
         return float("nan")
     if transform is None:
         return accuracy(predict(model, data.images, batch_size=batch_size), data.labels)
-    dev = model_device(model)
+    dev = module_device(model)
     preds = []
     for i in range(0, len(data), batch_size):
         xb = transform(to_float(data.images[i : i + batch_size].to(dev)))

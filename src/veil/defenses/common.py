@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from veil.data.base import ImageDataset, stratified_subset, to_float
-from veil.defenses.base import model_device
 from veil.errors import ConfigError
+from veil.inference import batched, module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -130,38 +129,17 @@ def seeded_rows(n_total: int, k: int, seed: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------- batched inference
-def _bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not progress or None)
-
-
-@torch.no_grad()
 def batched_logits(model: nn.Module, images: Tensor, batch_size: int = 256, desc: str = "logits", progress: bool = False) -> Tensor:
-    """Logits ``(N, num_classes)`` (float32, CPU) of uint8 or float ``[0, 1]`` images ``(N, C, H, W)``."""
-    dev = model_device(model)
-    out = []
-    with _bar(images.shape[0], desc, progress) as bar:
-        for i in range(0, images.shape[0], batch_size):
-            xb = images[i : i + batch_size].to(dev)
-            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-            out.append(model(xb).float().cpu())
-            bar.update(xb.shape[0])
-    return torch.cat(out) if out else torch.empty(0)
+    """Logits ``(N, num_classes)`` (float32, CPU) of uint8 or float ``[0, 1]`` images ``(N, C, H, W)``,
+    in eval mode (:func:`veil.inference.batched`)."""
+    return batched(model, images, batch_size=batch_size, progress=progress, desc=desc)
 
 
-@torch.no_grad()
 def batched_features(model: nn.Module, images: Tensor, batch_size: int = 256, desc: str = "features", progress: bool = False) -> Tensor:
-    """Penultimate features ``(N, feature_dim)`` (float32, CPU) from ``model.features``."""
+    """Penultimate features ``(N, feature_dim)`` (float32, CPU) from ``model.features``, in eval mode."""
     if not hasattr(model, "features"):
         raise ConfigError(f"model {type(model).__name__} has no features() method")
-    dev = model_device(model)
-    out = []
-    with _bar(images.shape[0], desc, progress) as bar:
-        for i in range(0, images.shape[0], batch_size):
-            xb = images[i : i + batch_size].to(dev)
-            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-            out.append(model.features(xb).float().cpu())  # type: ignore[operator]
-            bar.update(xb.shape[0])
-    return torch.cat(out) if out else torch.empty(0)
+    return batched(model, images, lambda m, x: m.features(x).float(), batch_size=batch_size, progress=progress, desc=desc)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -312,7 +290,7 @@ def reference_model(loaded: LoadedRun, path: str) -> nn.Module:
     """
     from veil.runs import load_run
 
-    ref = load_run(path, device=model_device(loaded.model))
+    ref = load_run(path, device=module_device(loaded.model))
     a, b = ref.config, loaded.config
     if (a.dataset, a.image_size) != (b.dataset, b.image_size):
         raise ConfigError(

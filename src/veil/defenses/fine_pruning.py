@@ -44,7 +44,6 @@ from veil.defenses.base import (
     DefenseConfig,
     MitigationResult,
     Mitigator,
-    model_device,
     register_defense,
 )
 from veil.defenses.common import (
@@ -61,6 +60,7 @@ from veil.defenses.common import (
 )
 from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
+from veil.inference import eval_mode, module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -87,7 +87,7 @@ class PrunedClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.layer = layer
-        self.register_buffer("keep", torch.ones(channels, device=model_device(model)))
+        self.register_buffer("keep", torch.ones(channels, device=module_device(model)))
         self._handle = None
         if layer != FEATURES:
             module = _module(model, layer)
@@ -144,17 +144,15 @@ def channel_activations(model: nn.Module, images: Tensor, layer: str = FEATURES,
         sums.append(out.float().mean(dims).cpu() * out.shape[0])
 
     handle = module.register_forward_hook(hook)
-    dev = model_device(model)
-    was = model.training
-    model.eval()
+    dev = module_device(model)
     try:
-        for i in range(0, images.shape[0], batch_size):
-            xb = images[i : i + batch_size].to(dev)
-            model(to_float(xb) if xb.dtype == torch.uint8 else xb.float())
-            count += xb.shape[0]
+        with eval_mode(model):
+            for i in range(0, images.shape[0], batch_size):
+                xb = images[i : i + batch_size].to(dev)
+                model(to_float(xb) if xb.dtype == torch.uint8 else xb.float())
+                count += xb.shape[0]
     finally:
         handle.remove()
-        model.train(was)
     if not sums:
         raise ConfigError(f"layer {layer!r} did not run in the forward pass")
     return torch.stack(sums).sum(0) / count
@@ -200,7 +198,7 @@ def pruning_curve(
     try:
         if layer == FEATURES:
             feats = {k: batched_features(model, d.images, batch_size, desc=f"features ({k})", progress=progress) for k, d in sets.items()}
-            dev = model_device(model)
+            dev = module_device(model)
             with torch.no_grad():
                 for n in counts:
                     keep = torch.ones(channels)
@@ -391,7 +389,7 @@ class FinePruning(Mitigator):
         try:
             tc = TrainConfig(epochs=cfg.finetune_epochs, batch_size=min(cfg.finetune_batch_size, len(clean)), lr=cfg.finetune_lr,
                              schedule="cosine", warmup_epochs=0.0, seed=cfg.seed, checkpoint_every=0)
-            history = Trainer(wrapped, clean, tc, device=model_device(model), progress=self.progress).fit()
+            history = Trainer(wrapped, clean, tc, device=module_device(model), progress=self.progress).fit()
             wrapped.eval()
             cda = float((predict(wrapped, evaluation.images) == evaluation.labels).float().mean())
             asr = float((predict(wrapped, poisoned.images) == poisoned.labels).float().mean()) if len(poisoned) else float("nan")

@@ -34,7 +34,6 @@ from veil.defenses.base import (
     DefenseConfig,
     MitigationResult,
     Mitigator,
-    model_device,
     register_defense,
 )
 from veil.defenses.common import (
@@ -53,6 +52,7 @@ from veil.defenses.common import (
 )
 from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
+from veil.inference import eval_mode, module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -90,7 +90,7 @@ def grad_cam(model: nn.Module, x: Tensor, layer: str, classes: Tensor | None = N
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ConfigError(f"model {type(model).__name__} has no layer {layer!r}")
-    dev = model_device(model)
+    dev = module_device(model)
     x = (to_float(x) if x.dtype == torch.uint8 else x.float()).to(dev)
     captured: list[Tensor] = []
 
@@ -98,10 +98,8 @@ def grad_cam(model: nn.Module, x: Tensor, layer: str, classes: Tensor | None = N
         captured.append(out)
 
     handle = modules[layer].register_forward_hook(hook)
-    was = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             logits = model(x).float()
             if not captured or captured[0].dim() != 4:
                 raise ConfigError(f"Grad-CAM needs a convolutional layer with (B, K, h, w) output; {layer!r} gives "
@@ -112,7 +110,6 @@ def grad_cam(model: nn.Module, x: Tensor, layer: str, classes: Tensor | None = N
             (grads,) = torch.autograd.grad(score, feats)
     finally:
         handle.remove()
-        model.train(was)
     with torch.no_grad():
         alpha = grads.float().mean((2, 3), keepdim=True)  # Eq. 1: (B, K, 1, 1)
         cam = F.relu((alpha * feats.float()).sum(1, keepdim=True))  # Eq. 2: (B, 1, h, w)

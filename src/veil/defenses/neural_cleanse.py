@@ -61,7 +61,6 @@ from veil.defenses.base import (
     DefenseConfig,
     DetectionResult,
     Detector,
-    model_device,
     register_defense,
 )
 from veil.defenses.common import (
@@ -77,6 +76,7 @@ from veil.defenses.common import (
 )
 from veil.errors import ConfigError
 from veil.records import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from veil.inference import eval_mode, module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -137,14 +137,14 @@ class _frozen:
         self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self.saved:
             p.requires_grad_(False)
-        self.training = self.model.training
-        self.model.eval()
+        self._mode = eval_mode(self.model)
+        self._mode.__enter__()
         return self.model
 
     def __exit__(self, *exc: object) -> None:
         for p, flag in self.saved:
             p.requires_grad_(flag)
-        self.model.train(self.training)
+        self._mode.__exit__(None, None, None)
 
 
 def reverse_engineer_triggers(
@@ -195,7 +195,7 @@ def reverse_engineer_triggers(
     """
     if images.dim() != 4 or images.shape[0] == 0:
         raise ConfigError(f"Neural Cleanse needs a non-empty (N, C, H, W) batch of clean images, got {tuple(images.shape)}")
-    dev = model_device(model)
+    dev = module_device(model)
     num_classes = int(getattr(model, "num_classes", 0)) or None
     if labels is None:
         if num_classes is None:

@@ -36,12 +36,12 @@ from veil.defenses.base import (
     MitigationResult,
     Mitigator,
     evaluate_pipeline,
-    model_device,
     register_defense,
     transformed_accuracy,
 )
 from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
+from veil.inference import module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -167,7 +167,7 @@ class JpegDefense(Mitigator):
         from veil.runs import load_run
 
         assert self.config.reference is not None
-        ref = load_run(self.config.reference, device=model_device(loaded.model))
+        ref = load_run(self.config.reference, device=module_device(loaded.model))
         a, b = ref.config, loaded.config
         # the reference is evaluated on this run's test images, so only the data source must match
         if (a.dataset, a.image_size) != (b.dataset, b.image_size):
@@ -266,7 +266,7 @@ class AutoencoderDefense(Mitigator):
 
         cfg = self.config
         model = loaded.model
-        dev = model_device(model)
+        dev = module_device(model)
         ae = cached_autoencoder(
             out_dir / self.WEIGHTS, train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
             device=dev, seed=cfg.seed, progress=self.progress,

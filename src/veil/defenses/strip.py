@@ -31,7 +31,6 @@ from veil.defenses.base import (
     DefenseConfig,
     DetectionResult,
     Detector,
-    model_device,
     register_defense,
 )
 from veil.defenses.common import (
@@ -49,6 +48,7 @@ from veil.defenses.common import (
 )
 from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
+from veil.inference import eval_mode, module_device
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -98,30 +98,25 @@ def strip_entropy(
     """
     if pool.shape[0] == 0:
         raise ConfigError("STRIP needs at least one clean image to superimpose")
-    dev = model_device(model)
+    dev = module_device(model)
     g = torch.Generator().manual_seed(seed)
     pool_f = (to_float(pool) if pool.dtype == torch.uint8 else pool.float()).to(dev)
     per = max(1, batch_size // n)
     out = []
-    was = model.training
-    model.eval()
-    try:
-        with tqdm(total=inputs.shape[0], desc=desc, unit="img", leave=False, disable=not progress or None) as bar:
-            for i in range(0, inputs.shape[0], per):
-                xb = inputs[i : i + per].to(dev)
-                xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-                picks = [
-                    torch.randperm(pool.shape[0], generator=g)[:n] if pool.shape[0] >= n
-                    else torch.randint(pool.shape[0], (n,), generator=g)
-                    for _ in range(xb.shape[0])
-                ]
-                blended = torch.cat([superimpose(x, pool_f[p.to(dev)], blend) for x, p in zip(xb, picks)])
-                probs = torch.softmax(model(blended).float(), dim=1)
-                h = -(probs * torch.log2(probs.clamp_min(1e-12))).sum(1)
-                out.append(h.view(xb.shape[0], -1).mean(1).cpu())
-                bar.update(xb.shape[0])
-    finally:
-        model.train(was)
+    with eval_mode(model), tqdm(total=inputs.shape[0], desc=desc, unit="img", leave=False, disable=not progress or None) as bar:
+        for i in range(0, inputs.shape[0], per):
+            xb = inputs[i : i + per].to(dev)
+            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+            picks = [
+                torch.randperm(pool.shape[0], generator=g)[:n] if pool.shape[0] >= n
+                else torch.randint(pool.shape[0], (n,), generator=g)
+                for _ in range(xb.shape[0])
+            ]
+            blended = torch.cat([superimpose(x, pool_f[p.to(dev)], blend) for x, p in zip(xb, picks)])
+            probs = torch.softmax(model(blended).float(), dim=1)
+            h = -(probs * torch.log2(probs.clamp_min(1e-12))).sum(1)
+            out.append(h.view(xb.shape[0], -1).mean(1).cpu())
+            bar.update(xb.shape[0])
     return torch.cat(out) if out else torch.empty(0)
 
 

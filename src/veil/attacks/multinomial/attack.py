@@ -10,11 +10,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from veil.attacks.base import Attack, register_attack
+from veil.attacks.base import Attack, AttackKind, register_attack
 from veil.attacks.multinomial.config import MultinomialConfig
 from veil.attacks.multinomial.hook import MultinomialHook
 from veil.data.base import ImageDataset, PoisonedDataset, to_float, to_uint8
 from veil.errors import ConfigError
+from veil.inference import batched, eval_mode
 from veil.triggers.multinomial import (
     SampleNet,
     SampleNetSpec,
@@ -48,7 +49,7 @@ class MultinomialAttack(Attack):
     """
 
     Config = MultinomialConfig
-    static_poison: ClassVar[bool] = False
+    kind: ClassVar[AttackKind] = "train"
     # a one-grey-level change is about one bfloat16 step of a normalised input: no autocast
     full_precision: ClassVar[bool] = True
     #: section 4.1 ("Training Details") and the authors' code (config.py, utils.py): GTSRB
@@ -122,7 +123,7 @@ class MultinomialAttack(Attack):
                 "multinomial generator_schedule must be 'constant' or 'trainer', "
                 f"got {c.generator_schedule!r}"
             )
-        for name in ("malicious_weight_from", "num_budget", "settle_fraction", "noise_negatives_from"):
+        for name in ("malicious_weight_from", "num_budget", "noise_negatives_from"):
             v = getattr(c, name)
             if not (isinstance(v, (int, float)) and 0 <= v < 1):
                 raise ConfigError(f"multinomial {name} must be in [0, 1), got {v!r}")
@@ -137,10 +138,6 @@ class MultinomialAttack(Attack):
             raise ConfigError(
                 f"a {c.levels}-level U-Net needs image sides that are multiples of {m}, got {h}x{w}"
             )
-        if not 0 <= c.targets_per_image <= self.num_classes:
-            raise ConfigError(
-                f"multinomial targets_per_image must be in 0..{self.num_classes}, got {c.targets_per_image}"
-            )
         if c.entanglement not in ("squared", "absolute"):
             raise ConfigError(
                 f"multinomial entanglement must be 'squared' or 'absolute', got {c.entanglement!r}"
@@ -148,11 +145,6 @@ class MultinomialAttack(Attack):
         if c.cls_weighting not in ("per_set", "per_image"):
             raise ConfigError(
                 f"multinomial cls_weighting must be 'per_set' or 'per_image', got {c.cls_weighting!r}"
-            )
-        if c.train_sampling not in ("samplenet", "straight_through"):
-            raise ConfigError(
-                "multinomial train_sampling must be 'samplenet' or 'straight_through', "
-                f"got {c.train_sampling!r}"
             )
         if c.num_loss not in ("expected", "sampled"):
             raise ConfigError(
@@ -244,13 +236,8 @@ class MultinomialAttack(Attack):
         if not self.trained:
             log.debug("multinomial apply with an untrained generator")
         dev = next(self.generator.parameters()).device
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            with torch.no_grad():
-                p_plus, p_minus = self.probabilities(x.detach().to(dev).float())
-        finally:
-            self.generator.train(was_training)
+        with eval_mode(self.generator), torch.no_grad():
+            p_plus, p_minus = self.probabilities(x.detach().to(dev).float())
         rows = torch.arange(x.shape[0], device=dev)
         idx = self._map_index(targets).to(dev)
         p_plus, p_minus = p_plus[rows, idx].cpu(), p_minus[rows, idx].cpu()
@@ -293,6 +280,8 @@ class MultinomialAttack(Attack):
         )
 
     def training_hook(self) -> MultinomialHook:
+        """The co-training hook; from here on the generator counts as trained."""
+        self.trained = True
         return MultinomialHook(self)
 
     def _asr_rows(self, dataset: ImageDataset) -> tuple[Tensor, Tensor]:
@@ -559,12 +548,6 @@ def _features(
     model: nn.Module, images: Tensor, device: torch.device, batch_size: int = 512
 ) -> Tensor:
     """Penultimate features (float64, CPU) of uint8 images, in eval mode."""
-    was = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch_size):
-            xb = to_float(images[i : i + batch_size].to(device))
-            out.append(model.features(xb).double().cpu())  # type: ignore[operator]
-    model.train(was)
-    return torch.cat(out) if out else torch.empty(0, 0, dtype=torch.float64)
+    if images.shape[0] == 0:
+        return torch.empty(0, 0, dtype=torch.float64)
+    return batched(model, images, lambda m, x: m.features(x).double(), batch_size=batch_size, device=device)

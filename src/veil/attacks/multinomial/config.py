@@ -38,9 +38,7 @@ class MultinomialConfig(AttackConfig):
             levels); smaller is faster (16 or 8 at CPU scale).
         levels: U-Net resolution levels (5).
         all_targets: one probability pair per label; every poisoned row gets a malicious copy
-            towards every label (the authors' code), or towards ``targets_per_image`` of them.
-        targets_per_image: with ``all_targets``, how many labels (drawn at random per row and
-            step) each poisoned row is copied towards; ``0``: all of them.
+            towards every label (the authors' code).
         entanglement: ``"squared"`` (eq. 5: mean squared feature difference) or ``"absolute"``
             (the mean absolute difference of the authors' code).
         num_loss: what ``L_num`` measures the changed share by: ``"expected"``,
@@ -73,20 +71,6 @@ class MultinomialConfig(AttackConfig):
             out by photos' own colour differences; in all-targets co-training with ``beta=0``
             one label's map can saturate into such a tint and stay there (see the module's "All
             targets" notes and ``per_label_tint_share`` in :meth:`MultinomialAttack.evaluate`).
-        train_sampling: how training samples the malicious copies. ``"samplenet"`` (the paper):
-            the victim sees SampleNet's soft imitation of equation (1), whose values are off the
-            8-bit grid and near the thresholds fractional. ``"straight_through"`` (not in the
-            paper): the victim sees the exact trigger of equation (1) on the 8-bit image, the one
-            it is evaluated on, while the generator's gradient still flows through SampleNet
-            (a straight-through estimator: ``hard + soft - soft.detach()``). Same cost per step.
-        settle_fraction: share of the training steps, at the end, in which the generator is
-            frozen (eval mode, no more steps) and the malicious copies carry the exact trigger of
-            equation (1), quantised to 8 bits, that the evaluation and the written poisoned set
-            use; only the classifier learns, on ``CE + alpha * L_etg`` (``L_num`` has nothing left
-            to train). ``0`` (the paper): co-training to the last step. Not in the paper: a
-            CPU-scale budget ends while the trigger is still shrinking, and the classifier's last
-            steps then chase a moving, SampleNet-approximated trigger. Measured at 32x32 it
-            lowered clean accuracy (see docs/attacks/multinomial.md).
         generator_schedule: the generator's Adam rate over training. ``"constant"`` (the paper:
             ``lr`` throughout); ``"trainer"`` (not in the paper): ``lr`` times the classifier's
             schedule factor at each step (its current rate over its base rate), so with
@@ -115,7 +99,6 @@ class MultinomialConfig(AttackConfig):
     width: int = 64
     levels: int = 5
     all_targets: bool = False
-    targets_per_image: int = 0
     entanglement: Literal["squared", "absolute"] = "squared"
     num_loss: Literal["expected", "sampled"] = "expected"
     cls_weighting: Literal["per_set", "per_image"] = "per_set"
@@ -125,8 +108,6 @@ class MultinomialConfig(AttackConfig):
     samplenet_steps: int = 2000
     asr_images_per_label: int = 300
     tint_weight: float = 0.0
-    train_sampling: Literal["samplenet", "straight_through"] = "samplenet"
-    settle_fraction: float = 0.0
     generator_schedule: Literal["constant", "trainer"] = "constant"
     noise_negatives: float = 0.0
     noise_negatives_from: float = 0.0

@@ -15,7 +15,8 @@ from veil.attacks.base import Attack
 from veil.attacks.multinomial.config import NUM_LOSS_SCALE
 from veil.data.base import PoisonedDataset, to_float
 from veil.errors import ConfigError
-from veil.train import Batch, Trainer, TrainHook
+from veil.inference import eval_mode
+from veil.train import Batch, StepContext, TrainHook
 from veil.triggers.multinomial import SampleNet, sample_trigger
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,10 @@ _TRAIN_NOISE_SALT = 9_173
 
 
 def _exact_copies(x: Tensor, p_plus: Tensor, p_minus: Tensor, noise: Tensor) -> Tensor:
-    """Malicious copies ``(b, k, C, H, W)`` of images ``x`` ``(b, C, H, W)`` with the exact trigger
-    of equation (1), on the 8-bit grid, as the evaluation and the written poisoned set have it."""
+    """Copies ``(b, k, C, H, W)`` of images ``x`` ``(b, C, H, W)`` with the exact +-1 noise of
+    equation (1), on the 8-bit grid (the noise negatives)."""
     hard = sample_trigger(p_plus, p_minus, noise)
     return ((x[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
-
-
-def _reached(trainer: Trainer, batch: Batch | None, share: float) -> bool:
-    """Whether the step (``batch.step``, else the trainer's) is at or past ``ceil(share * total
-    steps)``."""
-    total = trainer.config.epochs * trainer.steps_per_epoch
-    step = trainer.global_step if batch is None else batch.step
-    return step >= math.ceil(share * total)
 
 
 class MultinomialHook(TrainHook):
@@ -44,11 +37,11 @@ class MultinomialHook(TrainHook):
 
     Per step: the rows of the batch at the training set's ``poison_indices`` are passed through the
     generator; SampleNet turns their probabilities and fresh uniform noise into soft triggers; the
-    malicious copies (one per target: the target, ``(y + 1) % N`` for all-to-all, every label or
-    ``targets_per_image`` random labels for all-targets) are appended to the batch with their
-    target labels. The loss replaces the trainer's cross-entropy over the whole batch by the paper's
-    sum of the benign and malicious means, plus ``alpha * L_etg + beta(t) * L_num``. The generator's
-    Adam optimiser steps with the classifier's.
+    malicious copies (one per target: the target, ``(y + 1) % N`` for all-to-all, every label for
+    all-targets) are appended to the batch with their target labels. The hook owns the batch's
+    loss (:meth:`batch_loss`): the paper's sum of the benign and malicious means (eq. 2; or the
+    mean over both with ``cls_weighting="per_image"``), plus ``alpha * L_etg + beta(t) * L_num``.
+    The generator's Adam optimiser steps with the classifier's.
     """
 
     def __init__(self, attack: Attack) -> None:  # a MultinomialAttack (typed by its base: no import circle)
@@ -71,8 +64,8 @@ class MultinomialHook(TrainHook):
     def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
         return (self.optimizer,)
 
-    def setup(self, trainer: Trainer) -> None:
-        dev = trainer.device
+    def setup(self, ctx: StepContext) -> None:
+        dev = ctx.device
         self.samplenet.to(dev)
         self.noise = torch.Generator(device=dev)
         self.noise.manual_seed(self.attack.config.seed * 1_000_003 + _TRAIN_NOISE_SALT)
@@ -80,7 +73,7 @@ class MultinomialHook(TrainHook):
             self.noise.set_state(self._noise_state)
         if self.f_benign is not None:
             self.f_benign = self.f_benign.to(dev)
-        data = trainer.train_data
+        data = ctx.train_data
         idx = (
             data.poison_indices
             if isinstance(data, PoisonedDataset)
@@ -89,9 +82,8 @@ class MultinomialHook(TrainHook):
         mask = torch.zeros(len(data), dtype=torch.bool)
         mask[idx] = True
         self._poison_mask = mask.to(dev)
-        self.attack.trained = True
 
-    def beta_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+    def beta_at(self, ctx: StepContext) -> float:
         """``beta * 2 ** floor(e / period)`` at fractional epoch ``e`` (steps done / steps per
         epoch), ``period = beta_period * epochs / beta_reference_epochs`` (or ``beta_period``
         when ``beta_reference_epochs`` is 0), capped at ``beta_max`` when that is positive."""
@@ -99,47 +91,34 @@ class MultinomialHook(TrainHook):
         cap = c.beta_max if c.beta_max > 0 else math.inf
         if c.beta_period <= 0:
             return min(c.beta, cap)
-        period = c.beta_period * (
-            trainer.config.epochs / c.beta_reference_epochs
-            if c.beta_reference_epochs > 0
-            else 1
-        )
-        step = trainer.global_step if batch is None else batch.step
-        e = step / trainer.steps_per_epoch
+        period = c.beta_period * (ctx.epochs / c.beta_reference_epochs if c.beta_reference_epochs > 0 else 1)
+        e = ctx.step / ctx.steps_per_epoch
         return min(c.beta * 2.0 ** math.floor(e / period + 1e-9), cap)
 
-    def settling(self, trainer: Trainer, batch: Batch | None = None) -> bool:
-        """Whether the step is in the last ``settle_fraction`` of training (frozen generator)."""
-        f = self.attack.config.settle_fraction
-        return f > 0 and _reached(trainer, batch, 1 - f)
-
-    def malicious_weight_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+    def malicious_weight_at(self, ctx: StepContext) -> float:
         """``malicious_weight`` from step ``ceil(malicious_weight_from * total steps)`` on, 1 before."""
         c = self.attack.config
-        return c.malicious_weight if _reached(trainer, batch, c.malicious_weight_from) else 1.0
+        return c.malicious_weight if ctx.reached(c.malicious_weight_from) else 1.0
 
-    def generator_lr_at(self, trainer: Trainer) -> float:
-        """The generator's Adam rate for the trainer's current step (``generator_schedule``)."""
+    def generator_lr_at(self, ctx: StepContext) -> float:
+        """The generator's Adam rate at this step (``generator_schedule``)."""
         c = self.attack.config
-        if c.generator_schedule == "constant":
-            return c.lr
-        return c.lr * trainer.optimizer.param_groups[0]["lr"] / trainer.config.lr
+        return c.lr if c.generator_schedule == "constant" else c.lr * ctx.lr_factor
 
-    def noise_negatives_at(self, trainer: Trainer, batch: Batch | None = None) -> float:
+    def noise_negatives_at(self, ctx: StepContext) -> float:
         """``noise_negatives`` from step ``ceil(noise_negatives_from * total steps)`` on, 0 before."""
         c = self.attack.config
-        return c.noise_negatives if c.noise_negatives > 0 and _reached(trainer, batch, c.noise_negatives_from) else 0.0
+        return c.noise_negatives if c.noise_negatives > 0 and ctx.reached(c.noise_negatives_from) else 0.0
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        if trainer.step_in_epoch > 0 and self.f_benign is not None:
+    def on_epoch_start(self, ctx: StepContext) -> None:
+        if ctx.step_in_epoch > 0 and self.f_benign is not None:
             return  # resumed mid-epoch: keep the reference computed at this epoch's start
-        self.f_benign = self._class_mean_features(trainer)
+        self.f_benign = self._class_mean_features(ctx)
 
-    def _class_mean_features(self, trainer: Trainer) -> Tensor:
+    def _class_mean_features(self, ctx: StepContext) -> Tensor:
         """``f_benign``: per label, the mean penultimate feature of the clean training images of
         that label (model in eval mode); only the target label is computed with one target."""
-        model = trainer.model
-        labels = trainer.labels
+        labels = ctx.labels
         if self.attack.num_maps == 1:
             wanted = [self.attack.config.target]
         else:
@@ -147,29 +126,18 @@ class MultinomialHook(TrainHook):
         rows = torch.nonzero(
             torch.isin(labels, torch.tensor(wanted, device=labels.device))
         ).flatten()
-        was = model.training
-        model.eval()
         sums: Tensor | None = None
-        counts = torch.zeros(self.attack.num_classes, device=trainer.device)
-        with torch.no_grad():
+        counts = torch.zeros(self.attack.num_classes, device=ctx.device)
+        with eval_mode(ctx.model), torch.no_grad():
             for i in range(0, rows.numel(), 512):
                 r = rows[i : i + 512]
-                with torch.autocast(
-                    device_type=trainer.device.type,
-                    dtype=torch.bfloat16,
-                    enabled=trainer.use_amp,
-                ):
-                    f, _ = trainer._forward(to_float(trainer.images[r]))
+                with ctx.autocast_context():
+                    f, _ = ctx.forward(to_float(ctx.images[r]))
                 f = f.float()
                 if sums is None:
-                    sums = torch.zeros(
-                        self.attack.num_classes, f.shape[1], device=trainer.device
-                    )
+                    sums = torch.zeros(self.attack.num_classes, f.shape[1], device=ctx.device)
                 sums.index_add_(0, labels[r], f)
-                counts.index_add_(
-                    0, labels[r], torch.ones_like(labels[r], dtype=torch.float)
-                )
-        model.train(was)
+                counts.index_add_(0, labels[r], torch.ones_like(labels[r], dtype=torch.float))
         if sums is None:
             raise ConfigError(
                 "the multinomial attack needs clean training images of its target label(s)"
@@ -185,7 +153,7 @@ class MultinomialHook(TrainHook):
         return means
 
     # ------------------------------------------------------------------ each step
-    def transform_batch(self, trainer: Trainer, batch: Batch) -> Batch:
+    def transform_batch(self, ctx: StepContext, batch: Batch) -> Batch:
         assert self._poison_mask is not None and self.noise is not None
         a = self.attack
         sel = self._poison_mask[batch.index]
@@ -195,28 +163,15 @@ class MultinomialHook(TrainHook):
             return batch
         x_src, y_src = batch.x[sel], batch.y[sel]
         b = x_src.shape[0]
-        settling = self.settling(trainer, batch)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.generator_lr_at(trainer)
-        if settling:  # frozen generator, in the evaluation's (eval) mode
-            was = self.generator.training
-            self.generator.eval()
-            with torch.no_grad():
-                p_plus, p_minus = a.probabilities(x_src)
-            self.generator.train(was)
-        else:
-            p_plus, p_minus = a.probabilities(x_src)  # (b, K, C, H, W)
+            group["lr"] = self.generator_lr_at(ctx)
+        p_plus, p_minus = a.probabilities(x_src)  # (b, K, C, H, W)
         dev = x_src.device
         if a.num_maps == 1:
             maps = torch.zeros(b, 1, dtype=torch.long, device=dev)
             targets = a.target_labels(y_src)[:, None]
         elif a.config.all_targets:
-            k = a.config.targets_per_image or a.num_classes
-            if k == a.num_classes:
-                maps = torch.arange(a.num_classes, device=dev).expand(b, -1)
-            else:
-                scores = torch.rand(b, a.num_classes, generator=self.noise, device=dev)
-                maps = scores.argsort(dim=1)[:, :k]
+            maps = torch.arange(a.num_classes, device=dev).expand(b, -1)
             targets = maps
         else:  # all2all
             targets = a.target_labels(y_src)[:, None]
@@ -224,23 +179,12 @@ class MultinomialHook(TrainHook):
         rows = torch.arange(b, device=dev)[:, None]
         pp, pm = p_plus[rows, maps], p_minus[rows, maps]  # (b, k, C, H, W)
         noise = torch.rand(pp.shape, generator=self.noise, device=dev)
-        if settling:  # equation (1) and 8 bits, exactly as evaluated
-            x_mal = _exact_copies(x_src, pp, pm, noise)
-            num = torch.zeros((), device=dev)
-        else:
-            soft = self.samplenet(noise, pp, pm)
-            x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1)
-            if a.config.train_sampling == "straight_through":
-                with torch.no_grad():
-                    x_hard = _exact_copies(x_src, pp, pm, noise)
-                x_mal = x_hard + (x_mal - x_mal.detach())
-            if a.config.num_loss == "expected":
-                num = (pp + pm).mean()
-            else:
-                num = soft.abs().mean()
+        soft = self.samplenet(noise, pp, pm)
+        x_mal = (x_src[:, None] + soft / 255.0).clamp(0, 1)
+        num = (pp + pm).mean() if a.config.num_loss == "expected" else soft.abs().mean()
         x_mal = x_mal.reshape(-1, *a.image_shape)
         t_flat = targets.reshape(-1)
-        share = self.noise_negatives_at(trainer, batch)
+        share = self.noise_negatives_at(ctx)
         if share > 0:  # random +-1 noise of the trigger's density on some benign rows, true labels
             with torch.no_grad():
                 x_ben = batch.x[:n_clean]
@@ -254,7 +198,7 @@ class MultinomialHook(TrainHook):
             self._add("noise_negatives", float(rows_neg.float().mean()))
         tint = (
             (pp - pm).mean((-2, -1)).pow(2).mean()
-            if a.config.tint_weight > 0 and not settling
+            if a.config.tint_weight > 0
             else torch.zeros((), device=dev)
         )
         self._pending = {
@@ -262,39 +206,35 @@ class MultinomialHook(TrainHook):
             "targets": t_flat,
             "num": num,
             "tint": tint,
-            "settling": settling,
             "expected": (pp + pm).detach().mean(),
         }
         batch.x = torch.cat((batch.x, x_mal))
         batch.y = torch.cat((batch.y, t_flat))
         return batch
 
-    def extra_loss(
-        self, trainer: Trainer, batch: Batch, features: Tensor, logits: Tensor
-    ) -> Tensor | None:
+    def batch_loss(self, ctx: StepContext, batch: Batch, features: Tensor, logits: Tensor) -> Tensor:
+        """Eq. 2 (the benign and the malicious cross-entropy means, the latter weighed by
+        :meth:`malicious_weight_at`) or, with ``cls_weighting="per_image"``, the mean over all the
+        batch's images; plus ``alpha * L_etg + beta(t) * L_num`` (eq. 5-7)."""
         c = self.attack.config
         p = self._pending
         n = p["n_clean"]
-        smoothing = trainer.config.label_smoothing
+        smoothing = ctx.label_smoothing
         logits = logits.float()
         ce_clean = F.cross_entropy(logits[:n], batch.y[:n], label_smoothing=smoothing)
-        if (
-            c.cls_weighting == "per_set"
-        ):  # the trainer's whole-batch mean is replaced by eq. 2
-            total = ce_clean - F.cross_entropy(
-                logits, batch.y, label_smoothing=smoothing
-            )
-        else:  # keep the trainer's mean over benign and malicious images
-            total = torch.zeros((), device=logits.device)
+        if c.cls_weighting == "per_set":  # eq. 2: the benign mean; the malicious one below
+            total = ce_clean
+        else:  # one mean over benign and malicious images
+            total = F.cross_entropy(logits, batch.y, label_smoothing=smoothing)
         self._add("clean_ce", float(ce_clean.detach()))
         self._add("clean_steps", 1.0)
         if p["targets"] is None:
             return total
         ce_mal = F.cross_entropy(logits[n:], batch.y[n:], label_smoothing=smoothing)
         if c.cls_weighting == "per_set":
-            total = total + self.malicious_weight_at(trainer, batch) * ce_mal
+            total = total + self.malicious_weight_at(ctx) * ce_mal
         etg = self.entanglement_loss(features[n:], p["targets"])
-        beta = 0.0 if p["settling"] else self.beta_at(trainer, batch)
+        beta = self.beta_at(ctx)
         # L_num on the authors' scale: their code minimises the mean |P| over the 2C probability
         # maps, half the share of changed sub-pixels that eq. 6 sums, and beta = 0.1 is theirs
         share = (p["num"] - c.num_budget).clamp(min=0) if c.num_budget > 0 else p["num"]
@@ -332,7 +272,7 @@ class MultinomialHook(TrainHook):
     def _add(self, key: str, value: float) -> None:
         self._sums[key] = self._sums.get(key, 0.0) + value
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, float]:
+    def on_epoch_end(self, ctx: StepContext) -> dict[str, float]:
         steps = self._sums.get("steps", 0.0)
         out = {}
         if self._sums.get("clean_steps"):
