@@ -23,7 +23,7 @@ def run_cli(args, capsys):
 def test_bundled_recipes_are_valid_and_named_after_their_path():
     names = list_recipes()
     assert {"badnets/gtsrb-cpu", "badnets/cifar10subset-cpu", "sig/gtsrb-cpu", "sig/cifar10subset-cpu",
-            "multinomial/gtsrb32-cpu"} <= set(names)
+            "multinomial/gtsrb32-cpu", "multinomial/gtsrb32-cpu-clean", "multinomial/gtsrb32-cpu-sweep"} <= set(names)
     assert len(names) == len(list(RECIPES_DIR.glob("*/*.yaml")))
     for name in names:
         recipe = load_recipe(name)
@@ -99,9 +99,9 @@ def test_recipes_command_lists_every_recipe_with_its_figures(capsys):
         (["run", "--recipe", "nosuch/x", "--out", "o"], "unknown recipe 'nosuch/x'; known recipes: badnets/"),
         (["run", "--recipe", "sig/gtsrb-cpu"], "veil run needs --out"),
         (["run", "--dataset", "gtsrb_sample", "--out", "o"], "veil run needs --attack, --model"),
-        (["run", "--recipe", "multinomial/gtsrb32-cpu", "--out", "o"], "is a sweep; run it with veil sweep --recipe"),
+        (["run", "--recipe", "multinomial/gtsrb32-cpu-sweep", "--out", "o"], "is a sweep; run it with veil sweep --recipe"),
         (["sweep", "--recipe", "sig/gtsrb-cpu", "--out", "o"], "is a single run; run it with veil run --recipe"),
-        (["sweep", "--recipe", "multinomial/gtsrb32-cpu"], "needs --out"),
+        (["sweep", "--recipe", "multinomial/gtsrb32-cpu-sweep"], "needs --out"),
         (["sweep"], "needs a sweep file or --recipe NAME"),
     ],
 )
