@@ -269,3 +269,65 @@ def test_demo_runs_offline_and_writes_both_runs_and_the_report(tmp_path, capsys)
         assert (out / run / "metrics.json").is_file()
     assert (out / "report.html").stat().st_size > 1000
     assert json.loads((out / "badnets" / "config.json").read_text())["attack"] == "badnets"
+
+
+def test_run_flags_are_made_from_the_run_config_fields_and_docstrings(capsys):
+    """One flag per RunConfig field (less the two veil sets itself), with the field's docstring
+    entry (TrainConfig's for the training settings) and its default in the help."""
+    import dataclasses
+
+    from veil.runs import RunConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(RunConfig):
+        if f.name in ("sources", "progress"):
+            continue
+        flag = {"attack_options": "--attack-opt", "base_augment": "--no-base-augment"}.get(f.name, "--" + f.name.replace("_", "-"))
+        assert flag in text, flag
+    assert "--epochs EPOCHS passes over the training set (default 4)" in text
+    assert "--batch-size BATCH_SIZE images per step (default 128)" in text
+    assert "--seed SEED seed of everything random in the run (default 0)" in text
+    assert "``" not in text and ":class:" not in text
+
+
+def test_flags_from_a_dataclass_need_documentation_and_a_known_type():
+    import argparse
+    import dataclasses
+
+    from veil.options import Flag, add_dataclass_arguments, attribute_docs
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        """A toy config.
+
+        Attributes:
+            size, depth: how big (``int``). Not used here.
+            ratio: a share, in [0, 1]; the rest is prose.
+            fast: go fast.
+            careful: be careful.
+            blob: anything.
+        """
+
+        size: int = 3
+        depth: int | None = None
+        ratio: float = 0.5
+        fast: bool = False
+        careful: bool = True
+        blob: dict = dataclasses.field(default_factory=dict)
+
+    docs = attribute_docs(Toy)
+    assert docs["size"] == docs["depth"] == "how big (int). Not used here."
+    p = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    with pytest.raises(ValueError, match="Toy.blob .* needs a Flag with a type"):
+        add_dataclass_arguments(p, Toy, docs)
+    p = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    done = add_dataclass_arguments(p, Toy, docs, {"blob": Flag(type=str)})
+    assert done == ["size", "depth", "ratio", "fast", "careful", "blob"]
+    args = vars(p.parse_args(["--size", "5", "--ratio", "0.25", "--fast", "--no-careful"]))
+    assert args == {"size": 5, "ratio": 0.25, "fast": True, "careful": False}
+    assert "a share, in [0, 1] (default 0.5)" in " ".join(p.format_help().split())
+    with pytest.raises(ValueError, match="Toy.blob has no documentation"):
+        add_dataclass_arguments(argparse.ArgumentParser(), Toy, {k: v for k, v in docs.items() if k != "blob"},
+                                {"blob": Flag(type=str)})

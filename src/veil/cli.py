@@ -21,7 +21,7 @@ from typing import Any
 
 from veil.errors import VeilError
 from veil.experiment import seed_everything
-from veil.options import parse_option
+from veil.options import Flag, add_dataclass_arguments, parse_option
 from veil.train import SCHEDULES
 
 log = logging.getLogger("veil")
@@ -40,69 +40,30 @@ def _eval_images(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--eval-images must be auto, all or a number, got {text!r}") from None
 
 
-def _default(name: str) -> Any:
-    """RunConfig's default of ``name``: the one place run defaults live."""
-    import dataclasses
-
-    from veil.runs import RunConfig
-
-    return {f.name: f.default for f in dataclasses.fields(RunConfig)}[name]
+#: how the run flags differ from what RunConfig's field types and docstring give
+_RUN_FLAGS = {
+    "recipe": Flag(metavar="NAME", help="start from the named recipe (veil recipes); any other flag given overrides its setting"),
+    "schedule": Flag(choices=SCHEDULES),
+    "optimizer": Flag(choices=("sgd", "adam")),
+    "mode": Flag(choices=("all2one", "all2all")),
+    "attack_options": Flag(name="attack-opt", action="append", type=_attack_option, metavar="NAME=VALUE",
+                           help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6; veil list shows each attack's)"),
+    "eval_every": Flag(metavar="N"),
+    "eval_images": Flag(type=_eval_images, metavar="auto|all|N"),
+    "init_from": Flag(metavar="RUN"),
+    "out": Flag(help="run folder (required)"),
+}
+#: RunConfig fields that get no flag: set by veil itself (sources), or by the global -q (progress)
+_RUN_NO_FLAG = ("sources", "progress")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """``veil run``'s flags. Their defaults are RunConfig's (shown in the help); the parser keeps
-    only the flags given (``argument_default=SUPPRESS``), so that a recipe's settings apply
-    unless a flag overrides them."""
-    d = _default
-    p.add_argument("--recipe", metavar="NAME",
-                   help="start from the named recipe (veil recipes); any other flag given overrides its setting")
-    p.add_argument("--attack", help="attack name (veil list); 'none' trains a clean reference")
-    p.add_argument("--dataset", help="dataset name (veil list)")
-    p.add_argument("--data-root", help="dataset folder (not needed for gtsrb_sample)")
-    p.add_argument("--model", help="model name (veil list)")
-    p.add_argument("--width", type=int, help="model base width (channels); smaller is faster")
-    p.add_argument("--image-size", type=int, help=f"square image side (default {d('image_size')})")
-    p.add_argument("--epochs", type=int, help=f"default {d('epochs')}")
-    p.add_argument("--batch-size", type=int, help=f"default {d('batch_size')}")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
-    p.add_argument("--weight-decay", type=float, help=f"default {d('weight_decay')}")
-    p.add_argument("--schedule", choices=SCHEDULES,
-                   help=f"learning-rate schedule (default {d('schedule')}); anneal: constant, then cosine to 0 "
-                        "over the last --anneal-fraction")
-    p.add_argument("--anneal-fraction", type=float,
-                   help=f"share of the steps, at the end, over which --schedule anneal decays (default {d('anneal_fraction')})")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"classifier optimiser (default {d('optimizer')})")
-    p.add_argument("--poison-rate", type=float,
-                   help=f"share of the training set poisoned, in (0, 1] (default {d('poison_rate')})")
-    p.add_argument("--poison-count", type=int, help="absolute number of poisoned images (overrides --poison-rate)")
-    p.add_argument("--target", type=int, help=f"target label (default {d('target')})")
-    p.add_argument("--mode", choices=["all2one", "all2all"], help=f"default {d('mode')}")
-    p.add_argument("--all-targets", action="store_true",
-                   help="poison towards every label at once (attacks with an all_targets option, e.g. multinomial)")
-    p.add_argument("--seed", type=int, help=f"default {d('seed')}")
-    p.add_argument("--attack-opt", action="append", type=_attack_option, metavar="NAME=VALUE",
-                   help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6)")
-    p.add_argument("--augment", help="extra training augmentation: jpeg, autoencoder or jpeg+autoencoder")
-    p.add_argument("--no-base-augment", dest="base_augment", action="store_false",
-                   help="train without the standard random crop (4-pixel padding) and flip")
-    p.add_argument("--train-subset", type=int, help="stratified training subset size")
-    p.add_argument("--test-subset", type=int, help="stratified test subset size")
-    p.add_argument("--eval-every", type=int, metavar="N",
-                   help=f"evaluate clean accuracy and success rate every N epochs during training, 0: at the end only "
-                        f"(default {d('eval_every')}); the full test set is always evaluated at the end")
-    p.add_argument("--eval-images", type=_eval_images, metavar="auto|all|N",
-                   help="test images those evaluations use: auto (3%% of the training set's size, a seeded "
-                        "stratified subset), all, or a number (default auto)")
-    p.add_argument("--stealth-samples", type=int, help=f"test images for PSNR/SSIM/LPIPS (default {d('stealth_samples')})")
-    p.add_argument("--out", help="run folder (required)")
-    p.add_argument("--device", help=f"auto, cpu or cuda (default {d('device')})")
-    p.add_argument("--download", action="store_true", help="download the dataset and the LPIPS backbone if missing (needs a network)")
-    p.add_argument("--cache-dir", help="decoded-dataset cache (default $VEIL_CACHE or ~/.cache/veil)")
-    p.add_argument("--lpips-weights", help="folder holding alexnet_imagenet_features.pth (or set $VEIL_WEIGHTS)")
-    p.add_argument("--init-from", metavar="RUN",
-                   help="start from the classifier and attack weights of the finished run RUN "
-                        "(same attack, dataset, model, width and image size) to train it further")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    """``veil run``'s flags, one per RunConfig field, with RunConfig's (and TrainConfig's) defaults
+    and documentation. The parser keeps only the flags given (``argument_default=SUPPRESS``), so
+    that a recipe's settings, then the attack's paper settings, apply unless a flag overrides them."""
+    from veil.runs import RunConfig
+
+    add_dataclass_arguments(p, RunConfig, RunConfig.field_docs(), _RUN_FLAGS, skip=_RUN_NO_FLAG)
 
 
 _NOT_RUN_FIELDS = {"func", "command", "verbose", "quiet", "recipe"}
@@ -115,8 +76,8 @@ def _run_config(args: argparse.Namespace) -> Any:
     from veil.runs import resolve_config
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_FIELDS}
-    if "attack_opt" in given:
-        given["attack_options"] = dict(given.pop("attack_opt"))
+    if "attack_options" in given:
+        given["attack_options"] = dict(given["attack_options"])
     if "out" not in given:
         raise ConfigError("veil run needs --out (the run folder)")
     recipe_name = getattr(args, "recipe", None)
@@ -280,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train and evaluate one attack (or a clean reference)",
-                       argument_default=argparse.SUPPRESS)
+                       argument_default=argparse.SUPPRESS,
+                       epilog="The defaults shown are veil's. Settings a flag does not give come from --recipe, then from "
+                              "the attack's paper (its paper_training: e.g. multinomial trains at 128x128 with Adam), "
+                              "then these defaults; config.json records where each came from.")
     _add_run_options(p)
     p.set_defaults(func=cmd_run)
 

@@ -32,6 +32,13 @@ __all__ = [
 class RunConfig:
     """Everything that defines a run (written to ``config.json``).
 
+    One flat record, so that ``config.json``, sweep files and recipes name each setting the same
+    way. The training settings ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``schedule``,
+    ``anneal_fraction`` and ``optimizer`` are :class:`TrainConfig`'s fields, with its defaults and
+    its documentation (:meth:`train_config` builds it; ``base_augment`` is its ``augment``); the
+    attack is ``attack`` with its own options in ``attack_options``, validated by the attack's
+    ``Config``; ``veil run``'s flags are made from these fields (:func:`veil.options.add_dataclass_arguments`).
+
     Attributes:
         attack: registered attack name (``none`` for a clean reference model).
         dataset: registered dataset name.
@@ -40,8 +47,6 @@ class RunConfig:
         data_root: dataset folder (not needed for ``gtsrb_sample``).
         width: model base width (``None``: the architecture's default).
         image_size: square image side.
-        epochs, batch_size, lr, weight_decay, schedule, anneal_fraction, optimizer: training (see
-            :class:`TrainConfig`).
         poison_rate: share of the training set poisoned, in (0, 1].
         poison_count: absolute poisoned count (overrides ``poison_rate``).
         target: target label.
@@ -59,11 +64,15 @@ class RunConfig:
         train_subset, test_subset: stratified subset sizes for CPU-scale runs.
         stealth_samples: test images the stealth metrics are averaged over.
         device: ``auto``, ``cpu`` or ``cuda``.
-        lpips_weights: folder with ``alexnet_imagenet_features.pth`` for offline LPIPS.
+        download: download the dataset and the LPIPS backbone if missing (needs a network).
+        cache_dir: decoded-dataset cache (``None``: ``$VEIL_CACHE`` or ``~/.cache/veil``).
+        lpips_weights: folder holding ``alexnet_imagenet_features.pth`` (``None``: ``$VEIL_WEIGHTS``).
         init_from: a finished run whose classifier and attack weights (trigger generator) this
             run starts from instead of a fresh initialisation, to train a finished run further
             (optimiser state and schedule start afresh). Its attack, dataset, model, width and
             image size must be this run's.
+        overwrite: replace a finished run in ``out``.
+        progress: progress bars.
         eval_every: epochs between the clean-accuracy / success-rate evaluations during training
             (1: every epoch; 0: none before the end). The full test set is always evaluated once
             training ends; that is what ``metrics.json`` reports.
@@ -86,13 +95,13 @@ class RunConfig:
     data_root: str | None = None
     width: int | None = None
     image_size: int = 32
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    anneal_fraction: float = 0.25
-    optimizer: str = "sgd"
+    epochs: int = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    schedule: str = TrainConfig.schedule
+    anneal_fraction: float = TrainConfig.anneal_fraction
+    optimizer: str = TrainConfig.optimizer
     poison_rate: float = 0.1
     poison_count: int | None = None
     target: int = 0
@@ -101,7 +110,7 @@ class RunConfig:
     seed: int = 0
     attack_options: dict[str, Any] = field(default_factory=dict)
     augment: str | None = None
-    base_augment: bool = True
+    base_augment: bool = TrainConfig.augment
     train_subset: int | None = None
     test_subset: int | None = None
     stealth_samples: int = 1000
@@ -177,6 +186,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's documentation as plain text: this class's, and :class:`TrainConfig`'s for
+        the training settings."""
+        from veil.options import attribute_docs
+
+        return {**attribute_docs(TrainConfig), **attribute_docs(cls)}
 
 
 def load_run_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
