@@ -4,6 +4,7 @@ deterministic, resumable and protected from being overwritten."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,7 @@ def test_no_base_augment_turns_the_random_crop_off(tmp_path, capsys, monkeypatch
 
     def fake_trainer(model, train, config, **kwargs):
         seen["augment"] = config.augment
+        seen["config"] = json.loads((Path(kwargs["checkpoint"]).parent / "config.json").read_text())
         raise Stop
 
     monkeypatch.setattr(experiment, "Trainer", fake_trainer)
@@ -220,7 +222,8 @@ def test_no_base_augment_turns_the_random_crop_off(tmp_path, capsys, monkeypatch
         with pytest.raises(Stop):
             main(["-q", "run", "--attack", "none", *SMALL, "--out", str(out), *flags])
         assert seen.pop("augment") is expected
-        assert json.loads((out / "config.json").read_text())["base_augment"] is expected
+        assert seen.pop("config")["base_augment"] is expected
+        assert not out.exists(), "a run that failed before training leaves nothing behind"
 
 
 def test_evaluation_during_training_reads_a_subset_and_the_final_one_the_whole_test_set(tmp_path, capsys):

@@ -86,32 +86,98 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _prepare_folder(config: RunConfig) -> rec.RunRecord:
+#: files and folders of a run record (what overwriting a run replaces)
+_RECORD_FILES = (rec.CONFIG, rec.ENVIRONMENT, rec.POISON_INDICES, rec.HISTORY, rec.CHECKPOINT, rec.MODEL, rec.ATTACK,
+                 rec.SAMPLES, rec.SAMPLES_PNG, rec.METRICS)
+_RECORD_DIRS = ("figures", "tables", "defenses", "analysis")
+#: where ``--overwrite`` of a finished run trains the new one until it finishes (inside the run folder)
+STAGING = ".overwrite"
+
+
+def _check_folder(config: RunConfig) -> None:
+    """Refuse an ``out`` that cannot take this run, without changing anything."""
     record = rec.RunRecord(config.out)
     root = record.root
     if root.exists() and not root.is_dir():
         raise RecordError(f"output path {root} exists and is not a folder")
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecordError(f"output path {root} is under {parent}, which is a file")
+            if not os.access(parent if not root.exists() else root, os.W_OK):
+                raise RecordError(f"output folder {root if root.exists() else parent} is not writable")
+            break
     if record.finished and not config.overwrite:
         raise RecordError(f"output folder {root} already holds a finished run; pass --overwrite to replace it")
-    if root.is_dir() and config.overwrite:
-        for name in (rec.CONFIG, rec.ENVIRONMENT, rec.POISON_INDICES, rec.HISTORY, rec.CHECKPOINT, rec.MODEL,
-                     rec.ATTACK, rec.SAMPLES, rec.SAMPLES_PNG, rec.METRICS):
-            record.path(name).unlink(missing_ok=True)
-        for sub in ("figures", "tables", "defenses", "analysis"):
-            shutil.rmtree(record.path(sub), ignore_errors=True)
-    elif record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
-        old = {k: v for k, v in _recorded_config(record).items() if k not in _RESUME_IGNORED}
-        new = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k not in _RESUME_IGNORED}
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise RecordError(
-                f"output folder {root} holds an unfinished run with a different configuration "
-                f"({', '.join(diff)}); pass --overwrite to replace it"
-            )
-    elif root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")) and not record.path(rec.CONFIG).is_file():
+    if not config.overwrite and record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
+        _check_resumable(record, config)
+    if root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")) and not record.path(rec.CONFIG).is_file():
         raise RecordError(f"output folder {root} is not empty and is not a veil run; choose another --out")
-    root.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resumable(record: rec.RunRecord, config: RunConfig) -> None:
+    old = {k: v for k, v in _recorded_config(record).items() if k not in _RESUME_IGNORED}
+    new = {k: v for k, v in json_roundtrip(config.to_dict()).items() if k not in _RESUME_IGNORED}
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise RecordError(
+            f"output folder {record.root} holds an unfinished run with a different configuration "
+            f"({', '.join(diff)}); pass --overwrite to replace it"
+        )
+
+
+def _clear(record: rec.RunRecord) -> None:
+    for name in _RECORD_FILES:
+        record.path(name).unlink(missing_ok=True)
+    for sub in _RECORD_DIRS:
+        shutil.rmtree(record.path(sub), ignore_errors=True)
+
+
+def _prepare_folder(config: RunConfig) -> rec.RunRecord:
+    """The record this run writes (the folder is locked and was checked by :func:`_check_folder`).
+
+    ``--overwrite`` of a *finished* run trains the new one in ``RUN/.overwrite/`` and replaces the
+    old one only when the new one has finished (:func:`_promote`), so a failing or interrupted
+    run loses nothing of the finished one; an interrupted overwrite resumes there.
+    """
+    record = rec.RunRecord(config.out)
+    if config.overwrite and record.finished:
+        staging = rec.RunRecord(record.path(STAGING))
+        if staging.path(rec.CHECKPOINT).is_file() and staging.path(rec.CONFIG).is_file():
+            try:
+                _check_resumable(staging, config)
+                return staging
+            except RecordError:
+                pass
+        shutil.rmtree(staging.root, ignore_errors=True)
+        staging.root.mkdir()
+        return staging
+    if config.overwrite:
+        _clear(record)
+        shutil.rmtree(record.path(STAGING), ignore_errors=True)
     return record
+
+
+def _promote(staging: rec.RunRecord, final: rec.RunRecord) -> None:
+    """Replace the finished run in ``final`` by the one finished in ``staging`` (its metrics last,
+    so that the folder reads as finished only once the rest is in place)."""
+    _clear(final)
+    entries = sorted(staging.root.iterdir(), key=lambda p: p.name == rec.METRICS)
+    for entry in entries:
+        os.replace(entry, final.path(entry.name))
+    staging.root.rmdir()
+
+
+def _discard_failed(record: rec.RunRecord, created: bool) -> None:
+    """After a run failed before training started (no checkpoint): remove what it wrote."""
+    if record.path(rec.CHECKPOINT).is_file():
+        return  # training started: keep it for resuming
+    if record.root.name == STAGING:
+        shutil.rmtree(record.root, ignore_errors=True)
+    elif created:
+        shutil.rmtree(record.root, ignore_errors=True)
+    else:
+        _clear(record)
 
 
 def _recorded_config(record: rec.RunRecord) -> dict[str, Any]:
@@ -149,14 +215,33 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     config.validate()
     device = resolve_device(config.device)
     init = _init_source(config)
-    record = _prepare_folder(config)
-    record.write_json(rec.CONFIG, config.to_dict())
-    record.write_json(rec.ENVIRONMENT, environment(device))
-
+    _check_folder(config)
+    # everything that can be checked is checked before the folder is touched
     t0 = time.perf_counter()
     train, test = load_run_data(config)
     data_seconds = time.perf_counter() - t0
     attack = create_run_attack(config, train.num_classes, train.image_shape)
+    final = rec.RunRecord(config.out)
+    created = not final.root.exists()
+    with rec.FolderLock(final.root, f"veil run ({config.attack})"):
+        _check_folder(config)  # again, now that no other command can change it
+        record = _prepare_folder(config)
+        try:
+            metrics = _run(config, record, device, init, train, test, attack, data_seconds, t_start)
+        except BaseException:
+            _discard_failed(record, created)
+            raise
+        if record.root != final.root:
+            _promote(record, final)
+            log.info("replaced the finished run in %s", final.root)
+    return metrics
+
+
+def _run(config: RunConfig, record: rec.RunRecord, device: torch.device, init: Any, train: ImageDataset,
+         test: ImageDataset, attack: Attack, data_seconds: float, t_start: float) -> dict[str, Any]:
+    """The run itself, written into ``record`` (locked and prepared by :func:`run_experiment`)."""
+    record.write_json(rec.CONFIG, config.to_dict())
+    record.write_json(rec.ENVIRONMENT, environment(device))
     notes = attack.training_notes(train, CROP_PADDING if config.base_augment else 0, train.hflip and config.base_augment)
     for note in notes:
         log.warning("%s", note)
@@ -287,7 +372,7 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     record.write_json(rec.METRICS, metrics)
     record.path(rec.CHECKPOINT).unlink(missing_ok=True)
     log.info(
-        "%s: clean accuracy %.4f, attack success rate %.4f -> %s", config.attack, clean_acc, asr, record.root
+        "%s: clean accuracy %.4f, attack success rate %.4f -> %s", config.attack, clean_acc, asr, config.out
     )
     return metrics
 

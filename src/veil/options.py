@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import inspect
 import re
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +33,67 @@ def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
     return key.strip().replace("-", "_"), parsed
 
 
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "None"
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (int is no bool; a float field takes an int;
+    a tuple field takes a list, as JSON and YAML give it)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        inner = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else None
+        if inner is not None:
+            return all(_matches(v, inner) for v in value)
+        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_types(config_cls: type, values: dict[str, Any], what: str) -> None:
+    """Each of ``values`` (``None`` meaning "the default" is skipped) against the annotation of the
+    field of the dataclass ``config_cls`` it names: the one type check of options and run settings.
+
+    Raises:
+        ConfigError: ``WHAT NAME must be TYPE, got VALUE``.
+    """
+    hints = typing.get_type_hints(config_cls)
+    for key, value in values.items():
+        if value is None or key not in hints:
+            continue
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{what} {key} must be {_type_name(hints[key])}, got {value!r}")
+
+
 def build_options(kind: str, name: str, config_cls: type[T], options: dict[str, Any], hidden: frozenset[str] = frozenset()) -> T:
     """``config_cls(**options)``, ``None`` values left out (they mean "the default").
 
@@ -43,6 +106,7 @@ def build_options(kind: str, name: str, config_cls: type[T], options: dict[str, 
     if unknown:
         known = ", ".join(sorted(fields - hidden)) or "(none)"
         raise ConfigError(f"{kind} {name!r} has no option(s) {', '.join(unknown)}; options: {known}")
+    check_types(config_cls, options, f"{kind} {name!r} option")
     try:
         return config_cls(**{k: v for k, v in options.items() if v is not None})
     except ConfigError:

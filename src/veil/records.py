@@ -17,14 +17,22 @@ Layout::
       samples.safetensors  a few clean test images and their poisoned versions (uint8)
       samples.png          grid of clean / poisoned / amplified residual images
       metrics.json         final metrics; its presence marks the run as finished
+      .veil-lock           while a command writes the folder: who (host, process, since when)
+
+A run folder has one writer at a time (:class:`FolderLock`): ``veil run``, ``veil defend`` and sweep
+workers take its lock, and a second command on the same folder gets a clear error; a lock left by a
+killed process on this host is taken over.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -44,6 +52,7 @@ ATTACK = "attack.safetensors"
 SAMPLES = "samples.safetensors"
 SAMPLES_PNG = "samples.png"
 METRICS = "metrics.json"
+LOCK = ".veil-lock"
 
 
 def _umask_mode() -> int:
@@ -152,11 +161,100 @@ def _json_default(obj: Any) -> Any:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecordError(f"{path} does not exist") from None
+    except UnicodeDecodeError:
+        raise RecordError(f"{path} is not UTF-8 text, so not a veil record") from None
     except json.JSONDecodeError as exc:
-        raise RecordError(f"{path} is not valid JSON ({exc})") from exc
+        raise RecordError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise RecordError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class FolderLock:
+    """The one-writer lock of a run (or sweep) folder: ``FOLDER/.veil-lock``, created exclusively,
+    holding the host, process id, command and start time of its holder.
+
+    Use as a context manager (or :meth:`acquire` / :meth:`release`). A lock whose holder is a
+    process of this host that no longer runs is stale and taken over; a live holder, or one on
+    another host, gives a :class:`RecordError` naming it. The folder is created if missing
+    (unless ``create`` is False: then a missing folder is an error).
+    """
+
+    def __init__(self, folder: str | Path, what: str = "command", create: bool = True) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.what = what
+        self.create = create
+        self.held = False
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> FolderLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RecordError(f"{self.folder} exists and is not a folder")
+        if not self.create and not self.folder.is_dir():
+            raise RecordError(f"run folder {self.folder} does not exist")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecordError(f"cannot create the folder {self.folder} ({exc.strerror or exc})") from None
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.what,
+              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                        and holder["pid"] != me["pid"] and not _pid_alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                if holder is None:
+                    raise RecordError(f"{self.folder} is locked by another veil command ({self.path} exists and cannot "
+                                      "be read); if none runs, delete that file") from None
+                raise RecordError(
+                    f"{self.folder} is in use by another veil command ({holder.get('command')}, process "
+                    f"{holder.get('pid')} on {holder.get('host')} since {holder.get('since')}); wait for it, or "
+                    f"delete {self.path} if it no longer runs") from None
+            except OSError as exc:
+                raise RecordError(f"cannot write in {self.folder} ({exc.strerror or exc})") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RecordError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._holder()
+            if holder is None or holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
 
 
 class RunRecord:
@@ -189,11 +287,20 @@ class RunRecord:
     def read_json(self, name: str) -> Any:
         return read_json(self.path(name))
 
+    def _object(self, name: str, required: tuple[str, ...]) -> dict[str, Any]:
+        obj = self.read_json(name)
+        if not isinstance(obj, dict):
+            raise RecordError(f"{self.path(name)} holds a JSON {type(obj).__name__}, not a veil record")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise RecordError(f"{self.path(name)} lacks {', '.join(missing)}, so it is not a veil record")
+        return obj
+
     def config(self) -> dict[str, Any]:
-        return self.read_json(CONFIG)
+        return self._object(CONFIG, ("attack", "dataset", "model"))
 
     def metrics(self) -> dict[str, Any]:
-        return self.read_json(METRICS)
+        return self._object(METRICS, ("clean_accuracy", "attack_success_rate"))
 
     def environment(self) -> dict[str, Any]:
         return self.read_json(ENVIRONMENT)

@@ -127,7 +127,10 @@ class RunConfig:
     sources: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Check names and ranges that can be checked without loading data."""
+        """Check names, types and ranges that can be checked without loading data."""
+        from veil.options import check_types
+
+        check_types(RunConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "run setting")
         ATTACKS.get(self.attack)
         MODELS.get(self.model)
         DATASETS.get(self.dataset)
@@ -139,7 +142,8 @@ class RunConfig:
             raise ConfigError(f"target label {self.target} is negative")
         if self.image_size < 8:
             raise ConfigError(f"image size {self.image_size} is too small")
-        for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset)):
+        for name, v in (("train subset", self.train_subset), ("test subset", self.test_subset),
+                        ("stealth samples", self.stealth_samples), ("width", self.width)):
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
         self.train_config()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,11 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from veil.data.base import ImageDataset, to_float
-from veil.errors import ConfigError
-from veil.metrics import accuracy
-from veil.records import atomic_write_json, read_json
-from veil.registry import Registry
+from veil.errors import ConfigError, RecordError
 from veil.inference import module_device
+from veil.metrics import accuracy
+from veil.records import FolderLock, atomic_write_json, read_json
+from veil.registry import Registry
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -355,12 +356,19 @@ def run_defense(
         ConfigError: unknown defense or option.
         RecordError, CheckpointError: the run folder is missing, unfinished or has no weights.
     """
-    from veil.data import stratified_subset
-    from veil.runs import load_run
-
     defense = create_defense(name, progress=progress, **options)
     if test_subset is not None and test_subset <= 0:
         raise ConfigError(f"test subset must be positive, got {test_subset}")
+    with FolderLock(run_dir, f"veil defend {name}", create=False):
+        return _run_defense(defense, name, run_dir, device, data_root, cache_dir, test_subset, out_dir)
+
+
+def _run_defense(defense: Any, name: str, run_dir: str | Path, device: str | torch.device, data_root: str | None,
+                 cache_dir: str | None, test_subset: int | None, out_dir: str | Path | None) -> DefenseResult:
+    """:func:`run_defense` with the run folder locked; a failure removes the output folder it made."""
+    from veil.data import stratified_subset
+    from veil.runs import load_run
+
     t0 = time.perf_counter()
     loaded = load_run(run_dir, device=device)
     train, test = loaded.data(data_root=data_root, cache_dir=cache_dir)
@@ -370,9 +378,20 @@ def run_defense(
             raise ConfigError(f"test subset {test_subset} is smaller than the number of classes ({test.num_classes})")
         test = stratified_subset(test, test_subset, seed=loaded.config.seed)
     out = Path(out_dir) if out_dir is not None else defense_dir(loaded.record.root, name)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RecordError(f"defense output {out} exists and is not a folder")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecordError(f"cannot create the defense output folder {out} ({exc.strerror or exc})") from None
     log.info("%s %s on %s (%d test images)", defense.kind, name, loaded.record.root, len(test))
-    result = defense.run(loaded, train, test, out)
+    try:
+        result = defense.run(loaded, train, test, out)
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)  # a failed defense leaves no empty or half-written folder
+        raise
     result = dataclasses.replace(
         result,
         config=defense.describe(),

@@ -1,0 +1,213 @@
+"""Hostile-user cases (issue 16): nothing of a finished run is lost by a failing command, one
+writer per run folder, and bad input gives one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from veil import records as rec
+from veil.cli import main
+from veil.errors import RecordError
+
+SMALL = ["--dataset", "gtsrb_sample", "--model", "preact_resnet18", "--width", "4", "--epochs", "1",
+         "--train-subset", "86", "--test-subset", "86", "--stealth-samples", "8", "--seed", "0"]
+
+
+def run_cli(args, capsys):
+    code = main(["-q", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One finished tiny run, copied by each test that needs one."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["-q", "run", "--attack", "badnets", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "43"], "target label 43 is outside"),
+        (["--attack-opt", "patch_size=abc"], "patch_size"),
+        (["--attack", "frequency", "--attack-opt", "delta_p=0.001", "--attack-opt", "reference_epochs=1",
+          "--attack-opt", "heatmap_images=8"], "delta_p"),
+    ],
+)
+def test_overwrite_that_fails_keeps_the_finished_run(finished, tmp_path, capsys, extra, message):
+    """A failing ``--overwrite`` (bad target, bad option, an attack that cannot be mounted after
+    its fit) leaves the finished run byte for byte as it was."""
+    run = _copy(finished, tmp_path / "run")
+    before = _snapshot(run)
+    args = ["run", "--attack", "badnets", *SMALL, "--out", str(run), "--overwrite", *extra]
+    code, _, err = run_cli(args, capsys)
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("veil: error")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert _snapshot(run) == before
+
+
+def test_interrupted_overwrite_keeps_the_finished_run_and_resumes(finished, tmp_path, monkeypatch, capsys):
+    """An overwrite interrupted during training keeps the old run intact (the new one is staged in
+    RUN/.overwrite/); the same command again resumes and then replaces it."""
+    from veil.train import Trainer
+
+    run = _copy(finished, tmp_path / "run")
+    before = _snapshot(run)
+    args = ["-q", "run", "--attack", "blend", *SMALL, "--epochs", "2", "--out", str(run), "--overwrite"]
+    real_fit = Trainer.fit
+
+    def killed(self):
+        self.stop_after_steps = 2
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", killed)
+    assert main(args) == 130  # "interrupted; run the same command again to resume"
+    staged = {k: v for k, v in _snapshot(run).items() if not k.startswith(".overwrite/")}
+    assert staged == before and (run / ".overwrite" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(Trainer, "fit", real_fit)
+    assert main(args) == 0
+    assert not (run / ".overwrite").exists() and not (run / rec.LOCK).exists()
+    assert json.loads((run / "config.json").read_text())["attack"] == "blend"
+    assert json.loads((run / "metrics.json").read_text())["attack"]["name"] == "blend"
+    assert len(json.loads((run / "history.json").read_text())) == 2
+
+
+def test_a_run_that_fails_before_training_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "new"
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--target", "99", "--out", str(out)], capsys)
+    assert code == 2 and "target label 99" in err
+    assert not out.exists()
+
+
+def test_a_run_folder_has_one_writer(tmp_path, capsys):
+    """While a live process holds a run folder's lock, a second run (or defend) into it is refused
+    with the holder named; a lock left by a dead process is taken over."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / rec.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "command": "veil run (x)",
+                                                 "since": "2026-12-02T00:00:00+00:00"}))
+        code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(out)], capsys)
+        assert code == 2 and "in use by another veil command (veil run (x), process" in err, err
+        assert not (out / "config.json").exists()
+        code, _, err = run_cli(["defend", "strip", "--run", str(out)], capsys)
+        assert code == 2 and "in use by another veil command" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert not (out / rec.LOCK).exists()
+
+
+def test_folder_lock_is_exclusive_and_released(tmp_path):
+    lock = rec.FolderLock(tmp_path / "f", "test")
+    with lock:
+        assert (tmp_path / "f" / rec.LOCK).is_file()
+        other = rec.FolderLock(tmp_path / "f", "other")
+        # the same process: the holder is alive, so the lock is not stale
+        with pytest.raises(RecordError, match="in use by another veil command"):
+            other.acquire()
+    assert not (tmp_path / "f" / rec.LOCK).exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RecordError, match="is not a folder"):
+        rec.FolderLock(tmp_path / "file").acquire()
+
+
+# ---------------------------------------------------------------------- one-line errors (case 5)
+@pytest.mark.parametrize("value", ["abc", "[1,2]", "3.5", "True"])
+def test_attack_options_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, value):
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--attack-opt", f"patch_size={value}",
+                            "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.startswith("veil: error: attack 'badnets' option patch_size must be int, got"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_option_types_follow_the_config_annotations():
+    from veil.errors import ConfigError
+    from veil.options import check_types
+    from veil.runs import RunConfig
+
+    check_types(RunConfig, {"epochs": 3, "lr": 1, "eval_images": "auto", "width": None, "attack_options": {}}, "run setting")
+    for key, value, expected in (("epochs", 2.5, "int"), ("epochs", True, "int"), ("lr", "fast", "float"),
+                                 ("eval_images", 1.5, "int or str"), ("attack_options", [1], "dict")):
+        with pytest.raises(ConfigError, match=f"run setting {key} must be {expected}, got"):
+            check_types(RunConfig, {key: value}, "run setting")
+    from veil.attacks.frequency import FrequencyConfig
+
+    check_types(FrequencyConfig, {"channel_ratios": [1.0, 0.8, 0.6]}, "option")
+    with pytest.raises(ConfigError, match="channel_ratios must be tuple"):
+        check_types(FrequencyConfig, {"channel_ratios": [1.0, "x"]}, "option")
+    from veil.attacks.multinomial import MultinomialConfig
+
+    with pytest.raises(ConfigError, match="'squared' or 'absolute'"):
+        check_types(MultinomialConfig, {"entanglement": "l3"}, "option")
+
+
+def test_settings_that_would_fail_after_training_are_refused_before_it(tmp_path, capsys):
+    for flags, message in ((["--stealth-samples", "0"], "stealth samples must be positive"),
+                           (["--width", "0"], "width must be positive")):
+        code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, *flags, "--out", str(tmp_path / "r")], capsys)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "r").exists()
+
+
+def test_out_under_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(tmp_path / "file" / "run")], capsys)
+    assert code == 2 and "is under" in err and "which is a file" in err, err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_a_one_line_error(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(ro / "run")], capsys)
+        assert code == 2 and "not writable" in err, err
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b"{}"])
+@pytest.mark.parametrize("name", ["config.json", "metrics.json"])
+def test_damaged_records_are_one_line_errors_and_nothing_is_lost(finished, tmp_path, capsys, name, content):
+    """A config.json or metrics.json of non-UTF-8 bytes, a list or {}: report, defend and a resumed
+    run say so in one line (exit 2) and change nothing."""
+    run = _copy(finished, tmp_path / "run")
+    (run / name).write_bytes(content)
+    before = _snapshot(run)
+    commands = [["report", str(run), "-o", str(tmp_path / "r.html")], ["defend", "strip", "--run", str(run)]]
+    if name == "config.json":
+        (run / "metrics.json").unlink()  # an unfinished run whose config is damaged: resume reads it
+        (run / "checkpoint.pt").write_bytes(b"")
+        before = _snapshot(run)
+        commands.append(["run", "--attack", "badnets", *SMALL, "--out", str(run)])
+    for args in commands:
+        code, _, err = run_cli(args, capsys)
+        assert code == 2, (args, err)
+        assert err.startswith("veil: error:") and len(err.strip().splitlines()) == 1, (args, err)
+        assert _snapshot(run) == before, args
+    assert not (tmp_path / "r.html").exists()
