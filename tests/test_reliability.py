@@ -211,3 +211,105 @@ def test_damaged_records_are_one_line_errors_and_nothing_is_lost(finished, tmp_p
         assert err.startswith("veil: error:") and len(err.strip().splitlines()) == 1, (args, err)
         assert _snapshot(run) == before, args
     assert not (tmp_path / "r.html").exists()
+
+
+# ---------------------------------------------------------------------- ImageFolder classes (case 3)
+def _folder(root: Path, split: str, classes: dict[str, int], value_of: dict[str, int]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for name, count in classes.items():
+        d = root / split / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8, 3), value_of[name], dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagefolder_classes_are_matched_by_name(tmp_path):
+    """test/ lacking a class keeps the others' labels; every image's label is its folder's name's
+    position in train/."""
+    from veil.data import load_dataset
+
+    value = {"ant": 10, "bee": 100, "cat": 200}
+    _folder(tmp_path, "train", {"ant": 2, "bee": 2, "cat": 2}, value)
+    _folder(tmp_path, "test", {"ant": 1, "cat": 3}, value)  # no bee
+    train = load_dataset("imagefolder", tmp_path, "train", image_size=8, cache_dir=tmp_path / "c")
+    test = load_dataset("imagefolder", tmp_path, "test", image_size=8, cache_dir=tmp_path / "c")
+    assert train.classes == test.classes == ["ant", "bee", "cat"]
+    assert test.labels.tolist() == [0, 2, 2, 2]
+    for img, label in zip(test.images, test.labels):
+        assert int(img[0, 0, 0]) == value[train.classes[int(label)]]
+
+
+@pytest.mark.parametrize(
+    ("train", "test", "message"),
+    [
+        ({"ant": 1, "bee": 1}, {"ant": 1, "dog": 1}, "class folder(s) the training split lacks: dog"),
+        ({"ant": 1, "bee": 0}, {"ant": 1}, "holds no images"),
+        ({"ant": 1}, {"ant": 0}, "holds no images"),
+    ],
+)
+def test_imagefolder_mismatched_or_empty_classes_are_errors(tmp_path, capsys, train, test, message):
+    value = {"ant": 10, "bee": 100, "dog": 50}
+    _folder(tmp_path / "d", "train", train, value)
+    _folder(tmp_path / "d", "test", test, value)
+    code, _, err = run_cli(["run", "--attack", "badnets", "--dataset", "imagefolder", "--data-root", str(tmp_path / "d"),
+                            "--model", "preact_resnet18", "--width", "4", "--epochs", "1", "--image-size", "8",
+                            "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------- image modes (case 4)
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
+def test_every_pil_mode_decodes_to_its_grey_levels(tmp_path, mode):
+    """A horizontal ramp from 0 to 240 grey levels, written in each mode (16-bit modes scaled to
+    their range, float as [0, 1]), decodes to the same 8-bit ramp within rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from veil.data.datasets import _decode
+
+    ramp8 = np.tile(np.linspace(0, 240, 16).round().astype(np.uint8), (16, 1))
+    if mode in ("I;16", "I"):
+        im = Image.fromarray((ramp8.astype(np.uint32) * 257).astype(np.uint16 if mode == "I;16" else np.int32))
+        if mode == "I":
+            im = im.convert("I")
+    elif mode == "F":
+        im = Image.fromarray(ramp8.astype(np.float32) / 255.0, mode="F")
+    else:
+        im = Image.fromarray(ramp8, mode="L").convert(mode)
+    assert im.mode == mode
+    path = tmp_path / ("x.tiff" if mode in ("I", "F", "CMYK", "I;16") else "x.png")
+    im.save(path)
+    rgb = _decode(path, 16)
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    got = rgb.astype(int).mean(2)
+    assert np.abs(got - ramp8).max() <= 2, (mode, got[0], ramp8[0])
+    assert np.abs(rgb.astype(int) - ramp8[..., None]).max() <= 2  # grey stays grey
+
+
+# ---------------------------------------------------------------------- minor cases (case 10)
+def test_a_cache_that_loads_but_does_not_match_is_rebuilt(tmp_path):
+    from veil.data import load_dataset
+    from veil.records import atomic_save_tensors
+
+    value = {"ant": 10, "bee": 100}
+    _folder(tmp_path, "train", {"ant": 2, "bee": 2}, value)
+    first = load_dataset("imagefolder", tmp_path, "train", image_size=8, cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c").glob("*.safetensors")
+    import torch
+
+    atomic_save_tensors(cache, {"images": torch.zeros(3, 3, 8, 8, dtype=torch.uint8), "labels": torch.zeros(3, dtype=torch.long)})
+    again = load_dataset("imagefolder", tmp_path, "train", image_size=8, cache_dir=tmp_path / "c")
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+
+
+def test_a_data_root_that_is_a_file_and_a_subset_larger_than_the_data(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(["run", "--attack", "badnets", "--dataset", "imagefolder", "--data-root", str(tmp_path / "file"),
+                            "--model", "preact_resnet18", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "is a file, not a folder" in err, err
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--train-subset", "100000", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "train subset 100000 is larger than the train set (3440 images)" in err, err
+    assert not (tmp_path / "r").exists()

@@ -33,20 +33,24 @@ def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
     return key.strip().replace("-", "_"), parsed
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any, names: dict[Any, str] | None = None) -> str:
+    """The annotation ``hint`` in words (``names`` renames basic types, e.g. YAML's "integer")."""
+    names = names or {}
+    if hint in names:
+        return names[hint]
     if hint is type(None):
         return "None"
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return " or ".join(repr(a) for a in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+        return " or ".join(type_name(a, names) for a in typing.get_args(hint))
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
     return getattr(hint, "__name__", str(hint))
 
 
-def _matches(value: Any, hint: Any) -> bool:
+def value_matches(value: Any, hint: Any) -> bool:
     """Whether ``value`` fits the annotation ``hint`` (int is no bool; a float field takes an int;
     a tuple field takes a list, as JSON and YAML give it)."""
     if hint is Any:
@@ -58,14 +62,14 @@ def _matches(value: Any, hint: Any) -> bool:
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
+        return any(value_matches(value, a) for a in args)
     if origin in (tuple, list):
         if not isinstance(value, (tuple, list)):
             return False
         inner = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else None
         if inner is not None:
-            return all(_matches(v, inner) for v in value)
-        return not args or (len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)))
+            return all(value_matches(v, inner) for v in value)
+        return not args or (len(args) == len(value) and all(value_matches(v, a) for v, a in zip(value, args)))
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if hint is bool:
@@ -90,8 +94,8 @@ def check_types(config_cls: type, values: dict[str, Any], what: str) -> None:
     for key, value in values.items():
         if value is None or key not in hints:
             continue
-        if not _matches(value, hints[key]):
-            raise ConfigError(f"{what} {key} must be {_type_name(hints[key])}, got {value!r}")
+        if not value_matches(value, hints[key]):
+            raise ConfigError(f"{what} {key} must be {type_name(hints[key])}, got {value!r}")
 
 
 def build_options(kind: str, name: str, config_cls: type[T], options: dict[str, Any], hidden: frozenset[str] = frozenset()) -> T:

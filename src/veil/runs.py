@@ -205,6 +205,9 @@ def load_run_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     kw = dict(image_size=config.image_size, download=config.download, cache_dir=config.cache_dir)
     train = load_dataset(config.dataset, config.data_root, "train", **kw)
     test = load_dataset(config.dataset, config.data_root, "test", **kw)
+    for what, n, data in (("train", config.train_subset, train), ("test", config.test_subset, test)):
+        if n is not None and n > len(data):
+            raise ConfigError(f"{what} subset {n} is larger than the {what} set ({len(data)} images)")
     if config.train_subset:
         train = stratified_subset(train, config.train_subset, seed=config.seed)
     if config.test_subset:

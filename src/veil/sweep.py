@@ -69,7 +69,6 @@ import math
 import os
 import re
 import time
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +77,7 @@ from typing import Any
 
 from veil import records as rec
 from veil.errors import ConfigError, VeilError
+from veil.options import type_name, value_matches
 from veil.runs import RunConfig, resolve_config
 
 log = logging.getLogger(__name__)
@@ -609,36 +609,13 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     if key.startswith(ATTACK_OPTIONS + "."):
         return value
     hint = typing.get_type_hints(RunConfig)[key]
-    if not _type_ok(value, hint):
-        raise ConfigError(f"{where}: {key} = {value!r} is not a valid {_type_name(hint)}")
+    if not value_matches(value, hint):
+        raise ConfigError(f"{where}: {key} = {value!r} is not a valid {type_name(hint, _YAML_TYPES)}")
     return value
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return {int: "integer", float: "number", str: "string", bool: "boolean (true/false)"}.get(hint, str(hint))
+#: how sweep and recipe errors name the basic types (as YAML writes them)
+_YAML_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean (true/false)", type(None): "null"}
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:

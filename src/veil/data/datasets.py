@@ -79,9 +79,32 @@ def default_cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------- decoding helpers
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """``im`` as an 8-bit RGB image, whatever its PIL mode.
+
+    PIL's own ``convert("RGB")`` clips wider integer and float modes to 255, so a 16-bit greyscale
+    PNG (mode ``I;16``) comes out white. Here 16-bit modes (``I;16*``, and ``I``, which PIL uses
+    for 16-bit PNG and TIFF data) are scaled by 255/65535; ``F`` (32-bit float) is read as
+    ``[0, 1]`` when its values lie there and as grey levels otherwise; every other mode (``1``,
+    ``L``, ``LA``, ``P``, ``PA``, ``RGB``, ``RGBA``, ``CMYK``, ``YCbCr``, ...) goes through PIL's
+    conversion, which drops alpha and applies the palette.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.float64) * (255.0 / 65535.0)
+    elif mode == "F":
+        arr = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+    else:
+        return im if mode == "RGB" else im.convert("RGB")
+    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return grey.convert("RGB")
+
+
 def _decode(path: Path, image_size: int) -> np.ndarray:
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb8(im)
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
@@ -103,19 +126,38 @@ def _to_tensors(images: np.ndarray, labels: list[int] | np.ndarray) -> tuple[tor
     return x, y
 
 
-def _list_class_folders(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def _class_files(split_dir: Path) -> dict[str, list[Path]]:
+    """Each class folder of a split (by name, sorted) with its image files (sorted); a class folder
+    without images is an error (it would add a class no image has)."""
     if not split_dir.is_dir():
         raise DatasetError(f"dataset folder {split_dir} does not exist")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    out: dict[str, list[Path]] = {}
+    for name in sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = [Path(e.path) for e in sorted(os.scandir(split_dir / name), key=lambda e: e.name)
+                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not images:
+            raise DatasetError(f"class folder {split_dir / name} holds no images; remove it or add its images")
+        out[name] = images
+    if not out:
         raise DatasetError(f"dataset folder {split_dir} holds no class folders")
-    files: list[tuple[Path, int]] = []
-    for ci, c in enumerate(classes):
-        for entry in sorted(os.scandir(split_dir / c), key=lambda e: e.name):
-            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append((Path(entry.path), ci))
-    if not files:
-        raise DatasetError(f"dataset folder {split_dir} holds no images")
+    return out
+
+
+def _list_class_folders(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The classes and ``(file, label)`` pairs of an ImageFolder split. Labels are the positions of
+    the folder *names* in ``classes`` (the training split's class names; default: this split's),
+    so a test split that lacks a class or orders its folders differently is still labelled right;
+    a class folder the training split lacks is an error."""
+    found = _class_files(split_dir)
+    if classes is None:
+        classes = list(found)
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+            raise DatasetError(f"{split_dir} has class folder(s) the training split lacks: {shown}")
+    index = {c: i for i, c in enumerate(classes)}
+    files = [(path, index[name]) for name, paths in found.items() for path in paths]
     return classes, files
 
 
@@ -125,8 +167,8 @@ def _decode_files(files: list[tuple[Path, int]], image_size: int, desc: str) -> 
     for i, (path, label) in enumerate(tqdm(files, desc=desc, unit="img", leave=False, disable=None)):
         try:
             arr[i] = _decode(path, image_size)
-        except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from None
         labels[i] = label
     return _to_tensors(arr, labels)
 
@@ -146,10 +188,15 @@ def _cached_decode(files: list[tuple[Path, int]], image_size: int, tag: str, cac
     if cache.is_file():
         try:
             t = load_tensors(cache)
+            x, y = t["images"], t["labels"]
+            expected = torch.tensor([label for _, label in files], dtype=torch.long)
+            if x.dtype != torch.uint8 or tuple(x.shape) != (len(files), 3, image_size, image_size) or not torch.equal(y, expected):
+                raise ValueError(f"it holds {tuple(x.shape)} {x.dtype} images and {y.numel()} labels that do not "
+                                 f"match the {len(files)} files")
             log.info("loaded %s from cache %s", tag, cache)
-            return t["images"], t["labels"]
-        except Exception as exc:  # a broken cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cache, exc)
+            return x, y
+        except Exception as exc:  # a broken or mismatched cache is rebuilt, never trusted
+            log.warning("ignoring cache %s (%s)", cache, exc)
     x, y = _decode_files(files, image_size, desc=f"decode {tag}")
     try:
         atomic_save_tensors(cache, {"images": x, "labels": y})
@@ -159,7 +206,11 @@ def _cached_decode(files: list[tuple[Path, int]], image_size: int, tag: str, cac
 
 
 def _load_imagefolder_split(split_dir: Path, image_size: int, name: str, cache_dir: Path) -> Loaded:
-    classes, files = _list_class_folders(split_dir)
+    """One split of an ImageFolder layout; every split but ``train`` takes its class names (and
+    label numbers) from the ``train`` folder beside it."""
+    train_dir = split_dir.parent / "train"
+    classes = list(_class_files(train_dir)) if split_dir.name != "train" and train_dir.is_dir() else None
+    classes, files = _list_class_folders(split_dir, classes)
     x, y = _cached_decode(files, image_size, f"{name}-{split_dir.name}", cache_dir)
     return x, y, classes
 
@@ -272,6 +323,8 @@ def load_dataset(
         if root is None:
             raise DatasetError(f"dataset {name!r} needs a data folder (--data-root)")
         path = Path(root).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DatasetError(f"data folder {path} is a file, not a folder")
         if not path.is_dir() and not download:
             raise DatasetError(f"data folder {path} does not exist")
         if download:
