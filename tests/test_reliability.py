@@ -313,3 +313,108 @@ def test_a_data_root_that_is_a_file_and_a_subset_larger_than_the_data(tmp_path, 
     code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--train-subset", "100000", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "train subset 100000 is larger than the train set (3440 images)" in err, err
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------- sizes (case 6)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--image-size", "100000"], "at image size 100000 need"),
+        (["--attack", "multinomial", "--attack-opt", "width=100000"], "with attack 'multinomial'"),
+        (["--width", "100000"], "training preact_resnet18 (width 100000"),
+        (["--attack", "wanet", "--attack-opt", "k=100000"], "wanet k (the control grid's side) must be from 2 to the image side 32"),
+    ],
+)
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path, capsys, flags, message):
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, *flags, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and message in err, err
+    assert "more than the" in err or "wanet" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_memory_estimates_are_in_the_right_range():
+    """The estimates are rough but not wild: a width-16 PreActResNet-18 at 32x32, batch 128, is tens
+    of MB to a few GB, and the U-Net estimate grows with the square of its width."""
+    from veil.resources import classifier_bytes, module_bytes
+    from veil.triggers.unet import UNet
+
+    small = classifier_bytes("preact_resnet18", 43, 32, 16, 128)
+    assert 20e6 < small < 4e9
+    assert classifier_bytes("preact_resnet18", 43, 64, 16, 128) > 3 * small  # activations grow with the side
+    u8 = module_bytes(lambda: UNet(3, 6, 8, 5), (3, 32, 32), 1)
+    u64 = module_bytes(lambda: UNet(3, 6, 64, 5), (3, 32, 32), 1)
+    assert 10 < u64 / u8 < 70
+
+
+# ---------------------------------------------------------------------- sweep files (cases 7-9)
+TINY_SWEEP = {"dataset": "gtsrb_sample", "model": "preact_resnet18", "width": 4, "image_size": 16, "epochs": 1,
+              "train_subset": 86, "test_subset": 86, "stealth_samples": 8, "attack": "badnets"}
+
+
+def _sweep(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path, capsys):
+    levels = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    levels += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path = _sweep(tmp_path, "\n".join(levels) + "\nname: bomb\nout: out\n")
+    for args in (["sweep", str(path), "--dry-run"], ["sweep", str(path)]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and ("YAML aliases" in err or "expands to more than" in err), err
+        assert len(err.strip().splitlines()) == 1
+    from veil.errors import ConfigError
+    from veil.safeyaml import load_yaml
+
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_yaml("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" + "".join(
+            f"b{i}: &b{i} [{', '.join(['*a' if i == 0 else f'*b{i - 1}'] * 10)}]\n" for i in range(5)), "x")
+    assert load_yaml("a: &a {k: 1}\nb: *a\n", "x") == {"a": {"k": 1}, "b": {"k": 1}}
+
+
+def test_a_sweep_does_not_write_into_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    """``out: ../..`` (anything non-empty without sweep.json) is refused by the dry run and the run
+    alike, and nothing there is touched; a file as ``out`` is refused too."""
+    import yaml
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "report.html").write_text("mine")
+    (victim / "notes.txt").write_text("mine")
+    path = _sweep(tmp_path, yaml.safe_dump({"name": "s", "out": "victim", "base": TINY_SWEEP}))
+    for args in (["sweep", str(path), "--dry-run"], ["sweep", str(path)]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "is not empty and is not a veil sweep folder" in err, err
+    assert sorted(p.name for p in victim.iterdir()) == ["notes.txt", "report.html"]
+    assert (victim / "report.html").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")
+    path = _sweep(tmp_path, yaml.safe_dump({"name": "s", "out": "afile", "base": TINY_SWEEP}))
+    for args in (["sweep", str(path), "--dry-run"], ["sweep", str(path)]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "exists and is not a folder" in err, err
+
+
+def test_the_dry_run_makes_every_check_the_run_makes(tmp_path, capsys):
+    """An attack option of the wrong type and a point folder that is a file: the dry run refuses
+    them as the run does, before training."""
+    import yaml
+
+    bad_type = {"name": "s", "out": "o1", "base": {**TINY_SWEEP, "attack_options": {"patch_size": "abc"}}}
+    path = _sweep(tmp_path, yaml.safe_dump(bad_type))
+    for args in (["sweep", str(path), "--dry-run"], ["sweep", str(path)]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "patch_size must be int" in err, (args, err)
+    assert not (tmp_path / "o1").exists()
+    point_file = {"name": "s", "out": "o2", "base": TINY_SWEEP}
+    path = _sweep(tmp_path, yaml.safe_dump(point_file))
+    code, out, _ = run_cli(["sweep", str(path), "--dry-run"], capsys)
+    assert code == 0
+    point = out.split()[-1]
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "sweep.json").write_text("{}")
+    (tmp_path / "o2" / point).write_text("not a folder")
+    for args in (["sweep", str(path), "--dry-run"], ["sweep", str(path)]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "exists and is not a folder" in err, (args, err)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from veil import records as rec
-from veil.attacks import ATTACKS, Attack, create_attack
+from veil.attacks import ATTACKS, Attack
 from veil.data import ImageDataset, PoisonedDataset, load_dataset, stratified_subset
 from veil.data.datasets import DATASETS
 from veil.errors import ConfigError
@@ -273,20 +273,26 @@ def eval_subset(config: RunConfig, train: ImageDataset, test: ImageDataset) -> I
 def create_run_attack(config: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> Attack:
     """The run's attack; ``all_targets`` is passed only when set (attacks without the option
     then refuse it)."""
+    from veil.options import build_options
+    from veil.resources import check_fits, classifier_bytes, format_bytes
+
     options = dict(config.attack_options)
     if config.all_targets:
         options["all_targets"] = True
-    return create_attack(
-        config.attack,
-        num_classes,
-        image_shape,
-        target=config.target,
-        mode=config.mode,
-        poison_rate=config.poison_rate,
-        poison_count=config.poison_count,
-        seed=config.seed,
-        **options,
-    )
+    cls = ATTACKS.get(config.attack)
+    shared = dict(target=config.target, mode=config.mode, poison_rate=config.poison_rate,
+                  poison_count=config.poison_count, seed=config.seed)
+    attack_config = build_options("attack", config.attack, cls.Config, {**options, **shared})
+    # what training will hold in memory, before the attack's generator or the model is built
+    attack_bytes = cls.memory_bytes(attack_config, num_classes, image_shape, config.batch_size)
+    model_bytes = classifier_bytes(config.model, num_classes, config.image_size, config.width, config.batch_size,
+                                   channels=image_shape[0])
+    check_fits(attack_bytes + model_bytes,
+               f"training {config.model} (width {config.width}, image size {config.image_size}, batch "
+               f"{config.batch_size}: {format_bytes(model_bytes)}) with attack {config.attack!r} "
+               f"({format_bytes(attack_bytes)})",
+               "lower the image size, width, batch size or the attack's size options", resolve_device(config.device))
+    return cls(attack_config, num_classes, image_shape)
 
 
 @dataclass

@@ -278,6 +278,35 @@ class Sweep:
             values[name] = v
         return values
 
+    def check_out(self) -> None:
+        """Check that ``out`` can hold this sweep: not a file, writable, and either missing, empty
+        or a veil sweep folder (one holding ``sweep.json``), so that a sweep never writes its table
+        and report into a folder of something else; and no point's folder is a file."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"sweep out {out} exists and is not a folder")
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(f"sweep out {out} is under {existing}, which is a file")
+        if existing is not None and not os.access(existing, os.W_OK):
+            raise ConfigError(f"sweep out {existing} is not writable")
+        if out.is_dir() and not (out / SWEEP_JSON).is_file() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise ConfigError(f"sweep out {out} is not empty and is not a veil sweep folder (no {SWEEP_JSON}); "
+                              "choose another 'out'")
+        for name, config in self.points():
+            if Path(config.out).exists() and not Path(config.out).is_dir():
+                raise ConfigError(f"point {name}: its folder {config.out} exists and is not a folder")
+
+    def check(self, overwrite: bool = False) -> None:
+        """Every check the sweep makes before it trains (the dry run makes the same): the points'
+        settings, their attack options' names and types, ``out``, the inputs on disk, and (without
+        ``overwrite``) that no point folder holds a run recorded with other settings."""
+        points = self.points()
+        self.check_out()
+        self.check_inputs()
+        if not overwrite:
+            _check_recorded(points)
+
     def check_inputs(self) -> None:
         """Check what the file system must provide before training starts: the data folder of
         every dataset that needs one, and every path-valued attack option (a ``*_run`` option must
@@ -387,19 +416,18 @@ def load_sweep(path: str | Path) -> Sweep:
         ConfigError: the file is missing, not YAML, or describes an invalid sweep; the message
             names the offending key or value. No training happens here.
     """
-    import yaml
+    from veil.safeyaml import load_yaml
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"sweep file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"sweep file {path} is not UTF-8 text") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read sweep file {path} ({exc})") from exc
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML ({exc})") from exc
+        raise ConfigError(f"cannot read sweep file {path} ({exc.strerror or exc})") from None
+    spec = load_yaml(text, f"sweep file {path}")
     return parse_sweep(spec, base_dir=path.resolve().parent, source=path.resolve(), default_name=path.stem)
 
 
@@ -965,12 +993,17 @@ def run_sweep(
         Exception: without ``keep_going``, an error that is not a :class:`VeilError` (a bug, or
             running out of memory) propagates after the table of finished points is written.
     """
+    points = sweep.points()
+    sweep.check(overwrite)
+    with rec.FolderLock(sweep.out, f"veil sweep {sweep.name}"):
+        return _run_points(sweep, points, device, overwrite, progress, keep_going)
+
+
+def _run_points(sweep: Sweep, points: list[tuple[str, RunConfig]], device: str | None, overwrite: bool,
+                progress: bool, keep_going: bool) -> SweepResult:
+    """:func:`run_sweep` with the sweep folder locked."""
     from veil.experiment import run_experiment, seed_everything
 
-    points = sweep.points()
-    sweep.check_inputs()
-    if not overwrite:
-        _check_recorded(points)
     rec.atomic_write_json(sweep.out / SWEEP_JSON, sweep.to_dict())
     results: list[PointResult] = []
     error: BaseException | None = None

@@ -8,7 +8,7 @@ from typing import Any
 
 from veil import records as rec
 
-from veil.sweep import _check_recorded, load_sweep, parse_sweep, point_status, recorded_differences, run_sweep, sweep_table, table_markdown
+from veil.sweep import load_sweep, parse_sweep, point_status, recorded_differences, run_sweep, sweep_table, table_markdown
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -66,9 +66,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             elif status == "changed":
                 status = f"changed ({', '.join(recorded_differences(dict(points)[name]))})"
             print(f"  {status:<11}  {action:<7}  {name}")
-        sweep.check_inputs()
-        if not args.overwrite:
-            _check_recorded(points)
+        sweep.check(args.overwrite)
         done = {name: rec.RunRecord(config.out).metrics() for name, config in points if point_status(config) == "finished"}
         if done:
             print()

@@ -116,6 +116,13 @@ class Attack:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def memory_bytes(cls, config: AttackConfig, num_classes: int, image_shape: tuple[int, int, int], batch_size: int) -> int:
+        """Estimated bytes the attack needs in training with ``config`` (a generator's weights and
+        activations, say), computed *before* it is built so that ``veil run`` can refuse sizes that
+        cannot fit (:mod:`veil.resources`). 0 for attacks whose state is a few images' worth."""
+        return 0
+
+    @classmethod
     def from_options(cls, num_classes: int, image_shape: tuple[int, int, int], **options: Any) -> Attack:
         """Build from keyword options, ignoring ``None`` values and refusing unknown names."""
         from veil.options import build_options

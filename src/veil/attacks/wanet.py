@@ -100,8 +100,9 @@ class WaNet(Attack):
     def _validate(self) -> None:
         super()._validate()
         c = self.config
-        if c.k < 2:
-            raise ConfigError(f"wanet k must be at least 2, got {c.k}")
+        _, h, w = self.image_shape
+        if c.k < 2 or c.k > min(h, w):
+            raise ConfigError(f"wanet k (the control grid's side) must be from 2 to the image side {min(h, w)}, got {c.k}")
         if c.s < 0:
             raise ConfigError(f"wanet s must be non-negative, got {c.s}")
         if c.grid_rescale <= 0:

@@ -110,10 +110,21 @@ def _decode(path: Path, image_size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def _check_decoded_size(count: int, image_size: int) -> None:
+    """Refuse to decode ``count`` images at ``image_size`` when they cannot fit in memory."""
+    from veil.resources import available_bytes, format_bytes, image_bytes
+
+    needed, free = image_bytes(count, image_size), available_bytes("cpu")  # exact, not an estimate
+    if needed > free:
+        raise DatasetError(f"{count} images at image size {image_size} need {format_bytes(needed)} decoded, more than "
+                           f"the {format_bytes(free)} of memory available; lower --image-size")
+
+
 def _resize_array(images: np.ndarray, image_size: int) -> np.ndarray:
     """Resize NHWC uint8 images with PIL (bilinear) if needed."""
     if images.shape[1] == image_size and images.shape[2] == image_size:
         return images
+    _check_decoded_size(images.shape[0], image_size)
     out = np.empty((images.shape[0], image_size, image_size, images.shape[3]), dtype=np.uint8)
     for i, img in enumerate(tqdm(images, desc=f"resize to {image_size}", leave=False, disable=None)):
         out[i] = np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.Resampling.BILINEAR))
@@ -162,6 +173,7 @@ def _list_class_folders(split_dir: Path, classes: list[str] | None = None) -> tu
 
 
 def _decode_files(files: list[tuple[Path, int]], image_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_decoded_size(len(files), image_size)
     arr = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
     for i, (path, label) in enumerate(tqdm(files, desc=desc, unit="img", leave=False, disable=None)):

@@ -127,15 +127,12 @@ def load_recipe(name: str) -> Recipe:
     Raises:
         ConfigError: no such recipe (the message lists the known ones), or it is invalid.
     """
-    import yaml
+    from veil.safeyaml import load_yaml
 
     path = RECIPES_DIR / f"{name}.yaml"
     if "/" not in name or ".." in name or not path.is_file():
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(list_recipes()) or 'none'}")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {name} ({path}) is not valid YAML ({exc})") from exc
+    spec = load_yaml(path.read_text(encoding="utf-8"), f"recipe {name} ({path})")
     return parse_recipe(spec, name, path)
 
 

@@ -58,12 +58,12 @@ def load_paper(name: str) -> dict[str, Any]:
     Raises:
         ConfigError: no such paper (the message lists the known ones), or the file is invalid.
     """
-    import yaml
+    from veil.safeyaml import load_yaml
 
     path = PAPERS_DIR / f"{name}.yaml"
     if not path.is_file() or "/" in name:
         raise ConfigError(f"unknown paper {name!r}; veil reproduce knows {', '.join(list_papers())}")
-    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    spec = load_yaml(path.read_text(encoding="utf-8"), f"paper file {path}")
     for key in ("paper", "title", "tables"):
         if key not in spec:
             raise ConfigError(f"paper file {path} has no {key!r}")

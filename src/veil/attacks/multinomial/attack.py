@@ -85,6 +85,16 @@ class MultinomialAttack(Attack):
         self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ configuration
+    @classmethod
+    def memory_bytes(cls, config: MultinomialConfig, num_classes: int, image_shape: tuple[int, int, int],  # type: ignore[override]
+                     batch_size: int) -> int:
+        """The U-Net generator's training memory, measured on the meta device (no allocation)."""
+        from veil.resources import module_bytes
+
+        c = image_shape[0]
+        maps = num_classes if config.all_targets or config.mode == "all2all" else 1
+        return module_bytes(lambda: UNet(c, 2 * c * maps, config.width, config.levels), tuple(image_shape), batch_size)
+
     @property
     def num_maps(self) -> int:
         """Probability pairs per channel: one per label in all-targets and all-to-all modes."""
