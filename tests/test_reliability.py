@@ -418,3 +418,68 @@ def test_the_dry_run_makes_every_check_the_run_makes(tmp_path, capsys):
     for args in (["sweep", str(path), "--dry-run"], ["sweep", str(path)]):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and "exists and is not a folder" in err, (args, err)
+
+
+# ---------------------------------------------------------------------- nothing lost (report, sweep)
+def test_failing_report_and_sweep_lose_nothing_of_finished_runs(finished, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    run = _copy(finished, tmp_path / "run")
+    before = _snapshot(run)
+    # a report into a folder, or over the run's own files, fails without touching the run
+    for target in (run, run / "metrics.json" / "x.html"):
+        code, _, err = run_cli(["report", str(run), "-o", str(target)], capsys)
+        assert code == 2 and err.startswith("veil: error:"), err
+    assert _snapshot(run) == before
+    # a sweep that finished, then an --overwrite whose training fails: the finished point stays
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "out": "sw", "base": TINY_SWEEP}))
+    assert main(["-q", "sweep", str(path)]) == 0
+    (point,) = [p for p in (tmp_path / "sw").iterdir() if p.is_dir()]
+    kept = _snapshot(point)
+    from veil.train import Trainer
+
+    def broken(self):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Trainer, "fit", broken)
+    code, _, err = run_cli(["sweep", str(path), "--overwrite", "--keep-going"], capsys)
+    assert code == 2 and "disk on fire" in err, err
+    assert _snapshot(point) == kept
+
+
+def test_error_messages_are_one_line_and_never_suggest_unpickling(tmp_path, capsys):
+    import torch
+
+    from veil.records import load_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    message = str(info.value)
+    assert "weights_only" not in message and "never unpickles" in message and "\n" not in message
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--attack", "badnets", "--epochs", "x"])
+    code, err = exit_info.value.code, capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("veil: error: veil run: argument --epochs"), err
+
+
+def test_a_failed_defense_leaves_no_folder_and_the_run_intact(finished, tmp_path, capsys, monkeypatch):
+    from veil.defenses import DEFENSES
+    from veil.errors import ConfigError
+
+    run = _copy(finished, tmp_path / "run")
+    before = _snapshot(run)
+
+    def broken(self, loaded, train, test, out):
+        (out / "partial.json").write_text("{")
+        raise ConfigError("the defense gave up")
+
+    monkeypatch.setattr(DEFENSES.get("strip"), "run", broken)
+    code, _, err = run_cli(["defend", "strip", "--run", str(run)], capsys)
+    assert code == 2 and "the defense gave up" in err
+    assert _snapshot(run) == before and not (run / "defenses").exists()

@@ -234,11 +234,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import veil
 
-    parser = argparse.ArgumentParser(prog="veil", description="Invisible backdoor attacks, defenses and stealth metrics.")
+    parser = _Parser(prog="veil", description="Invisible backdoor attacks, defenses and stealth metrics.")
     parser.add_argument("--version", action="version", version=f"veil {veil.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="train and evaluate one attack (or a clean reference)",
                        argument_default=argparse.SUPPRESS,
@@ -289,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with veil's one-line errors: ``veil: error: ...`` and exit status 2 (the usage is
+    one ``--help`` away)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        print(f"veil: error: {self.prog}: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -297,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VeilError as exc:
-        print(f"veil: error: {exc}", file=sys.stderr)
+        print(f"veil: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (permissions, a full disk): not a veil bug
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"veil: error: {_one_line(exc.strerror or exc)}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("veil: error: out of memory; lower the image size, width or batch size", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("veil: interrupted; run the same command again to resume", file=sys.stderr)

@@ -25,3 +25,7 @@ class CheckpointError(VeilError):
 
 class RecordError(VeilError):
     """A run record is missing, incomplete, or would be overwritten."""
+
+
+class TrainingDiverged(VeilError, FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high for the model, say)."""

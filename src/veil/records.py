@@ -142,7 +142,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupted zip/pickle data
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(exc).__name__}: {exc})") from exc
+        # not torch's message: it suggests weights_only=False, which would run the file's code
+        kind = "holds objects other than tensors and plain data (refused: veil never unpickles them)" \
+            if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ else f"is corrupted or truncated ({type(exc).__name__})"
+        raise CheckpointError(f"checkpoint {path} {kind}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a training state")
     return obj

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from veil.data.augment import CROP_PADDING, BatchAugment
 from veil.data.base import ImageDataset, to_float
-from veil.errors import CheckpointError, ConfigError
+from veil.errors import CheckpointError, ConfigError, TrainingDiverged
 from veil.inference import batched
 from veil.records import atomic_torch_save, load_checkpoint
 
@@ -99,8 +99,14 @@ class TrainConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
+        for name in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative number, got {v}")
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"label smoothing must be below 1, got {self.label_smoothing}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; known: {', '.join(sorted(SCHEDULES))}")
         if not 0.0 < self.anneal_fraction <= 1.0:
@@ -576,7 +582,7 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower the learning rate")
+            raise TrainingDiverged(f"training loss became {loss.item()} at step {self.global_step}; lower the learning rate")
         loss.backward()
         if train_clf:
             self.optimizer.step()

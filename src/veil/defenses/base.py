@@ -380,7 +380,7 @@ def _run_defense(defense: Any, name: str, run_dir: str | Path, device: str | tor
     out = Path(out_dir) if out_dir is not None else defense_dir(loaded.record.root, name)
     if out.exists() and not out.is_dir():
         raise RecordError(f"defense output {out} exists and is not a folder")
-    made = not out.exists()
+    made = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)  # the topmost folder made here
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -389,8 +389,8 @@ def _run_defense(defense: Any, name: str, run_dir: str | Path, device: str | tor
     try:
         result = defense.run(loaded, train, test, out)
     except BaseException:
-        if made:
-            shutil.rmtree(out, ignore_errors=True)  # a failed defense leaves no empty or half-written folder
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)  # a failed defense leaves no empty or half-written folder
         raise
     result = dataclasses.replace(
         result,
