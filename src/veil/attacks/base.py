@@ -231,13 +231,18 @@ class Attack:
 
     def poison_count_for(self, dataset: ImageDataset) -> int:
         """Number of rows to poison: ``poison_count`` if given, else ``round(rate * N)`` where ``N``
-        is the training-set size (the target-class size for clean-label attacks)."""
+        is the training-set size (the target-class size for clean-label attacks). Attacks of kind
+        ``"train"`` add poisoned *copies* of rows rather than replacing them, so a rate whose count
+        exceeds the eligible rows takes them all: ``poison_rate=1.0`` is a copy of every row whose
+        label is not the target."""
         eligible = self.eligible_rows(dataset).numel()
         if self.config.poison_count is not None:
             n = self.config.poison_count
         else:
             base = eligible if self.clean_label else len(dataset)
             n = max(1, round(self.config.poison_rate * base))
+            if self.kind == "train":
+                n = min(n, eligible)
         if n > eligible:
             raise ConfigError(
                 f"cannot poison {n} images: only {eligible} training images are eligible for attack {self.name!r}"

@@ -57,6 +57,7 @@ from veil.analysis.fourier import (
     top_k_mask,
 )
 from veil.attacks.base import Attack, AttackConfig, AttackKind, register_attack
+from veil.attacks.reference import load_reference, reference_architecture, train_reference
 from veil.data.base import ImageDataset, quantize, to_float
 from veil.errors import ConfigError
 from veil.triggers.frequency import frequency_trigger
@@ -205,22 +206,7 @@ class FrequencyAttack(Attack):
         elif c.reference_run is not None and (cache := self.heatmap_cache_path(train)) is not None and cache.is_file():
             heat, source = load_heatmap(cache), f"heatmap of reference run {c.reference_run} cached in {cache}"
         elif c.reference_run is not None:
-            from veil.models.loading import load_classifier
-            from veil.train import resolve_device
-
-            model, ref_config = load_classifier(c.reference_run, device=resolve_device(device))
-            if ref_config.get("image_size", 32) != self.image_shape[1]:
-                raise ConfigError(
-                    f"reference run {c.reference_run} was trained on {ref_config.get('image_size', 32)}px images, the "
-                    f"attack is for {self.image_shape[1]}px"
-                )
-            head = getattr(model, "head", None)
-            if isinstance(head, nn.Linear) and head.out_features != self.num_classes:
-                raise ConfigError(
-                    f"reference run {c.reference_run} has {head.out_features} classes, the training set {self.num_classes}"
-                )
-            if ref_config.get("dataset") != train.name:
-                log.warning("reference run %s was trained on %r, poisoning %r", c.reference_run, ref_config.get("dataset"), train.name)
+            model, _ = load_reference(c.reference_run, train, self.num_classes, device, "frequency")
             heat, source = self._heatmap_of(model, train, device), f"reference run {c.reference_run}"
             self._cache_heatmap(self.heatmap_cache_path(train), heat)
         else:
@@ -277,29 +263,14 @@ class FrequencyAttack(Attack):
         """``(model, width)`` of a trained ``f_0``: ``reference_model`` and ``reference_width`` when
         set; else the victim's (the paper's f_0 is a clean model of the victim's kind); else veil's
         CPU-scale ``preact_resnet18`` at width 16 (no victim known, e.g. ``fit`` called directly)."""
-        c = self.config
-        if c.reference_model is not None:
-            return c.reference_model, c.reference_width
-        if victim is not None and victim.get("model"):
-            return str(victim["model"]), c.reference_width if c.reference_width is not None else victim.get("width")
-        return "preact_resnet18", c.reference_width if c.reference_width is not None else 16
+        return reference_architecture(self.config.reference_model, self.config.reference_width, victim)
 
     def _train_reference(self, train: ImageDataset, device: torch.device | str,
                          victim: dict[str, Any] | None = None) -> nn.Module:
         """Train ``f_0`` (stage 1, step 1) on the clean training set."""
-        from veil.models import create_model
-        from veil.train import TrainConfig, Trainer
-
-        c = self.config
-        ch, h, _ = self.image_shape
         name, width = self.reference_architecture(victim)
-        log.info(
-            "frequency: training the clean reference f_0 (%s, width %s, %d epochs) on %d images",
-            name, width, c.reference_epochs, len(train),
-        )
-        model = create_model(name, num_classes=self.num_classes, image_size=h, width=width, in_channels=ch, seed=c.seed)
-        Trainer(model, train, TrainConfig(epochs=c.reference_epochs, seed=c.seed), device=device).fit()
-        return model.eval()
+        return train_reference(train, self.num_classes, name, width, self.config.reference_epochs, self.config.seed,
+                               device, "frequency")
 
     def _heatmap_of(self, model: nn.Module, train: ImageDataset, device: torch.device | str) -> Tensor:
         c = self.config

@@ -173,15 +173,6 @@ class MultinomialAttack(Attack):
             return torch.arange(len(dataset))
         return super().eligible_rows(dataset)
 
-    def poison_count_for(self, dataset: ImageDataset) -> int:
-        """As :meth:`Attack.poison_count_for`, but a ``poison_rate`` whose count exceeds the
-        eligible rows takes them all: ``poison_rate=1.0`` is the authors' recipe (a malicious copy
-        of every non-target row with one target)."""
-        if self.config.poison_count is None:
-            eligible = int(self.eligible_rows(dataset).numel())
-            return min(eligible, max(1, round(self.config.poison_rate * len(dataset))))
-        return super().poison_count_for(dataset)
-
     # ------------------------------------------------------------------ SampleNet
     def fit(
         self, train: ImageDataset, device: torch.device | str = "cpu", victim: dict[str, Any] | None = None

@@ -1,0 +1,62 @@
+"""The clean reference classifier some attacks start from: the frequency attack's ``f_0`` (its
+Fourier heatmap picks the trigger's frequencies) and the adaptive attack's benign model (the
+attacked classifier is fine-tuned from it and clipped against it). Either a finished clean run
+(``reference_run``) or one trained here on the clean training set, of the victim's architecture
+unless the attack's options name another."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from veil.data.base import ImageDataset
+from veil.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def reference_architecture(model: str | None, width: int | None, victim: dict[str, Any] | None) -> tuple[str, int | None]:
+    """``(model, width)`` of a trained reference: ``model``/``width`` when given; else the victim's
+    (``victim = {"model", "width"}``); else veil's CPU-scale ``preact_resnet18`` at width 16."""
+    if model is not None:
+        return model, width
+    if victim is not None and victim.get("model"):
+        return str(victim["model"]), width if width is not None else victim.get("width")
+    return "preact_resnet18", width if width is not None else 16
+
+
+def train_reference(train: ImageDataset, num_classes: int, name: str, width: int | None, epochs: int, seed: int,
+                    device: torch.device | str, what: str) -> nn.Module:
+    """A clean ``name`` classifier trained on ``train`` for ``epochs`` epochs of veil's training
+    defaults, seeded with ``seed``; in eval mode."""
+    from veil.models import create_model
+    from veil.train import TrainConfig, Trainer
+
+    ch, h, _ = train.image_shape
+    log.info("%s: training the clean reference (%s, width %s, %d epochs) on %d images", what, name, width, epochs, len(train))
+    model = create_model(name, num_classes=num_classes, image_size=h, width=width, in_channels=ch, seed=seed)
+    Trainer(model, train, TrainConfig(epochs=epochs, seed=seed), device=device).fit()
+    return model.eval()
+
+
+def load_reference(run: str | Path, train: ImageDataset, num_classes: int, device: torch.device | str,
+                   what: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier of the finished clean run ``run``, checked against the training set (image
+    size and classes; a different dataset is logged), and its recorded config."""
+    from veil.models.loading import load_classifier
+    from veil.train import resolve_device
+
+    model, config = load_classifier(run, device=resolve_device(device))
+    size = train.image_shape[1]
+    if config.get("image_size", 32) != size:
+        raise ConfigError(f"reference run {run} was trained on {config.get('image_size', 32)}px images, the attack is for {size}px")
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and head.out_features != num_classes:
+        raise ConfigError(f"reference run {run} has {head.out_features} classes, the training set {num_classes}")
+    if config.get("dataset") != train.name:
+        log.warning("%s: reference run %s was trained on %r, the attack poisons %r", what, run, config.get("dataset"), train.name)
+    return model, config
