@@ -196,7 +196,6 @@ def test_cotraining_starts_from_the_benign_model_stays_clipped_and_is_determinis
         ({"mpm_pairs": 3}, "mpm_pairs must be 1"),
         ({"bound": 0.0}, "bound must be positive"),
         ({"threshold": float("nan")}, "threshold must be a non-negative number"),
-        ({"mode": "all2all"}, "all-to-one"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):

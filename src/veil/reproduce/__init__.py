@@ -25,8 +25,8 @@ steps that produce veil's figures and the cells they fill::
               - {step: table2, point: 1, row: Ours-one-target, column: GTSRB}  # one point
               - {step: clean, row: Standard Training, column: GTSRB}      # a run step
 
-``reference_run: STEP`` passes that step's run folder to every point of a sweep step as the
-attack's ``reference_run``. :func:`reproduce` runs the steps (finished runs are read back, not
+``reference_run: STEP`` passes that step's run folder to a run step, or to every point of a sweep
+step, as the attack's ``reference_run``. :func:`reproduce` runs the steps (finished runs are read back, not
 retrained) and writes ``OUT/table-T.md``, ``OUT/table-T.json`` and ``OUT/report.html``.
 """
 
@@ -125,6 +125,11 @@ def plan(paper: str, table: str | None, scale: str, data_root: str | None, out: 
         if device is not None:
             overrides["device"] = device
         if recipe.kind == "run":
+            if "reference_run" in s:
+                ref = {st.name: st for st in steps}.get(s["reference_run"])
+                if ref is None or ref.kind != "run":
+                    raise ConfigError(f"paper {paper}, table {key}: step {s['name']} needs the run step {s['reference_run']!r} before it")
+                overrides["attack_options"] = {"reference_run": str(ref.out)}  # merged with the recipe's options
             config = recipe.run_config(overrides, out=str(step_out))
             steps.append(Step(s["name"], recipe.name, step_out, "run", ((s["name"], config),)))
             continue

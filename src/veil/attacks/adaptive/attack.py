@@ -100,8 +100,6 @@ class AdaptiveAttack(Attack):
         _, h, w = self.image_shape
         if h % m or w % m:
             raise ConfigError(f"a {c.levels}-level U-Net needs image sides that are multiples of {m}, got {h}x{w}")
-        if c.mode != "all2one":
-            raise ConfigError("the adaptive attack is all-to-one (target 0 in the paper)")
 
     # ------------------------------------------------------------------ fitting
     def fit(self, train: ImageDataset, device: torch.device | str = "cpu", victim: dict[str, Any] | None = None) -> None:
