@@ -43,7 +43,7 @@ def model(request: pytest.FixtureRequest) -> Classifier:
 
 def test_registry_lists_every_family() -> None:
     assert EXPECTED <= set(list_models())
-    assert list_models("resnet*") == ["resnet18", "resnet34", "resnet50"]
+    assert list_models("resnet*") == ["resnet18", "resnet18_imagenet", "resnet34", "resnet50"]
     for name in EXPECTED:
         assert model_class(name).name == name
         assert issubclass(MODELS.get(name), Classifier)
@@ -182,3 +182,29 @@ def test_normalisation_and_config_roundtrip() -> None:
     gray = small("preact_resnet18", in_channels=1)
     with torch.no_grad():
         assert gray.eval()(torch.rand(2, 1, 32, 32)).shape == (2, NUM_CLASSES)
+
+
+def test_resnet18_imagenet_takes_torchvision_weights(tmp_path):
+    """The ImageNet-stem ResNet-18 is torchvision's resnet18 layer for layer: its weights load (all
+    but the classifier) and the penultimate features then agree on the same input."""
+    import torchvision
+
+    from veil.errors import CheckpointError
+    from veil.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_torchvision_resnet18
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    model = create_model("resnet18_imagenet", num_classes=10, image_size=128, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=1)
+    load_torchvision_resnet18(model, tmp_path / "resnet18.pth").eval()
+    x = torch.rand(2, 3, 128, 128)
+    tv.fc = torch.nn.Identity()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model.features(x), tv((x - mean) / std), atol=1e-4)
+        assert model(x).shape == (2, 10)
+    with pytest.raises(CheckpointError, match="no ImageNet weights"):
+        load_torchvision_resnet18(model)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_torchvision_resnet18(create_model("resnet34", num_classes=10), tmp_path / "resnet18.pth")

@@ -18,6 +18,7 @@ name                paper                                          ``width`` (de
 ==================  =============================================  ======================
 preact_resnet18     He et al., ECCV 2016 (identity mappings)       first stage (64)
 resnet18/34/50      He et al., CVPR 2016                           first stage (64)
+resnet18_imagenet   He et al., CVPR 2016 (ImageNet stem, 128 px+)   first stage (64)
 vgg16, vgg19        Simonyan & Zisserman, ICLR 2015 (+BatchNorm)   first stage (64)
 densenet121         Huang et al., CVPR 2017 (DenseNet-BC)          growth rate k (32)
 wrn34_10            Zagoruyko & Komodakis, BMVC 2016               stem; stages 16k.. (16)

@@ -1,4 +1,4 @@
-"""ResNet-18, -34 and -50 with a CIFAR stem.
+"""ResNet-18, -34 and -50 with a CIFAR stem, and ResNet-18 with the ImageNet stem.
 
 He, Zhang, Ren and Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
 (arXiv:1512.03385): post-activation residual blocks (conv -> BN -> ReLU, addition, ReLU), the
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from veil.models.base import Classifier, init_weights, register_model, scaled_width
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet34", "ResNet50"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "ResNet18", "ResNet18ImageNet", "ResNet34", "ResNet50"]
 
 
 def _projection(in_planes: int, planes: int, stride: int) -> nn.Module | None:
@@ -91,6 +91,9 @@ class ResNet(Classifier):
     min_size_reason = "three stride-2 stages need 8 pixels to keep a 1x1 map"
     block: ClassVar[type[BasicBlock] | type[Bottleneck]] = BasicBlock
     num_blocks: ClassVar[tuple[int, int, int, int]] = (2, 2, 2, 2)
+    #: ``"cifar"``: one 3x3 convolution, stride 1, no max-pool; ``"imagenet"``: the paper's 7x7
+    #: convolution with stride 2 and a 3x3 max-pool with stride 2 (for 128- or 224-pixel input)
+    stem: ClassVar[str] = "cifar"
 
     def __init__(
         self,
@@ -104,7 +107,10 @@ class ResNet(Classifier):
     ) -> None:
         super().__init__(num_classes, in_channels, image_size, mean, std)
         w = scaled_width(width, self.default_width)
-        self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
+        if self.stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, w, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, w, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         in_planes = w
         stages = []
@@ -125,6 +131,8 @@ class ResNet(Classifier):
 
     def _features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
+        if self.stem == "imagenet":
+            out = F.max_pool2d(out, 3, 2, 1)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
@@ -135,6 +143,18 @@ class ResNet18(ResNet):
 
     block = BasicBlock
     num_blocks = (2, 2, 2, 2)
+
+
+@register_model("resnet18_imagenet")
+class ResNet18ImageNet(ResNet18):
+    """ResNet-18 with the ImageNet stem (7x7 convolution, stride 2, and a 3x3 max-pool: He et al.,
+    CVPR 2016, Table 1) for 128- or 224-pixel input: the adaptive paper's Selected-ImageNet
+    classifier and the multinomial paper's. Its state dict maps onto torchvision's ``resnet18``
+    (:func:`veil.models.pretrained.load_torchvision_resnet18`), so ImageNet weights load into it."""
+
+    stem = "imagenet"
+    min_size = 32
+    min_size_reason = "the stride-2 stem, the max-pool and three stride-2 stages need 32 pixels to keep a 1x1 map"
 
 
 @register_model("resnet34")
