@@ -202,5 +202,5 @@ def test_a_run_without_weights_is_refused(runs, tmp_path, capsys):
     assert code == 2 and "veil: error:" in err and "model.safetensors" in err
     code, _, err = _cli(["defend", "strip", "--run", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist" in err
-    with pytest.raises(ConfigError, match="clean_source must be one of test, train"):
+    with pytest.raises(ConfigError, match="clean_source must be 'test' or 'train', got 'val'"):
         create_defense("strip", clean_source="val")

@@ -96,7 +96,7 @@ def test_recipes_command_lists_every_recipe_with_its_figures(capsys):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["run", "--recipe", "nosuch/x", "--out", "o"], "unknown recipe 'nosuch/x'; known recipes: badnets/"),
+        (["run", "--recipe", "nosuch/x", "--out", "o"], "unknown recipe 'nosuch/x'; known recipes: adaptive/"),
         (["run", "--recipe", "sig/gtsrb-cpu"], "veil run needs --out"),
         (["run", "--dataset", "gtsrb_sample", "--out", "o"], "veil run needs --attack, --model"),
         (["run", "--recipe", "multinomial/gtsrb32-cpu-sweep", "--out", "o"], "is a sweep; run it with veil sweep --recipe"),

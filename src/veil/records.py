@@ -143,9 +143,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupted zip/pickle data
         # not torch's message: it suggests weights_only=False, which would run the file's code
-        kind = "holds objects other than tensors and plain data (refused: veil never unpickles them)" \
-            if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ else f"is corrupted or truncated ({type(exc).__name__})"
-        raise CheckpointError(f"checkpoint {path} {kind}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated, or holds objects other than tensors and "
+                              f"plain data ({type(exc).__name__}; refused: veil never unpickles such objects)") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a training state")
     return obj
@@ -300,10 +299,16 @@ class RunRecord:
         return obj
 
     def config(self) -> dict[str, Any]:
+        """``config.json`` as a mapping (keys may be missing: reports tolerate that)."""
+        return self._object(CONFIG, ())
+
+    def run_config(self) -> dict[str, Any]:
+        """``config.json`` with the keys a run needs to be rebuilt (attack, dataset, model)."""
         return self._object(CONFIG, ("attack", "dataset", "model"))
 
     def metrics(self) -> dict[str, Any]:
-        return self._object(METRICS, ("clean_accuracy", "attack_success_rate"))
+        """``metrics.json`` as a mapping (keys may be missing: reports show them as missing)."""
+        return self._object(METRICS, ())
 
     def environment(self) -> dict[str, Any]:
         return self.read_json(ENVIRONMENT)

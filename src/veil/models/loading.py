@@ -24,7 +24,7 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> 
         CheckpointError: the weights file is missing, truncated or corrupted.
     """
     record = rec.RunRecord(run_dir).require()
-    config = record.config()
+    config = record.run_config()
     state = record.model_state()  # raises CheckpointError when missing or corrupted
     if "head.weight" not in state:
         raise RecordError(f"{record.path(rec.MODEL)} holds no classifier head")
