@@ -27,8 +27,12 @@ TRAIN = make_synthetic(64, num_classes=NUM_CLASSES)
 
 #: options for attacks that learn their trigger in ``fit``, so that fitting is cheap: the frequency
 #: attack reads a saved heatmap (set by ``_fit_files``) instead of training a reference model, and
-#: gets a norm bound that uniform-noise images (flat spectrum) can meet
-FIT_OPTIONS: dict[str, dict[str, object]] = {"frequency": {"k": 2, "delta_p": 4.0}}
+#: gets a norm bound that uniform-noise images (flat spectrum) can meet; the semantic attack trains
+#: a narrow surrogate and its generator for one epoch each (its defaults: 100 each)
+FIT_OPTIONS: dict[str, dict[str, object]] = {
+    "frequency": {"k": 2, "delta_p": 4.0},
+    "semantic": {"reference_epochs": 1, "generator_epochs": 1, "reference_width": 4, "generator_batch_size": 32},
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
