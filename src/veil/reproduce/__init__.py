@@ -226,24 +226,30 @@ def reproduce(paper: str, table: str | None = None, scale: str = "cpu", data_roo
               dry_run: bool = False) -> dict[str, Any]:
     """Run the steps behind ``paper``'s ``table`` at ``scale`` (finished runs are read back) and
     write the table beside the paper's; with ``dry_run`` only the table of what is finished."""
+    from veil.errors import VeilError
     from veil.experiment import run_experiment, seed_everything
     from veil.sweep import parse_sweep, run_sweep
 
     key, tspec, steps = plan(paper, table, scale, data_root, out, device)
+    failed: list[str] = []  # a point that cannot be mounted is a "–" in the table, with its reason
     if not dry_run:
         for step in steps:
             if step.kind == "run":
                 (_, config), = step.points
                 if not rec.RunRecord(config.out).finished:
                     seed_everything(config.seed)
-                    run_experiment(dataclasses.replace(config, progress=progress))
+                    try:
+                        run_experiment(dataclasses.replace(config, progress=progress))
+                    except VeilError as exc:
+                        failed.append(f"{step.name}: {exc}")
                 continue
             sweep = parse_sweep(step.sweep_spec, base_dir=Path.cwd(), recipe=step.recipe)
-            result = run_sweep(sweep, progress=progress)
-            if result.failed:
-                raise ConfigError(f"step {step.name}: {len(result.failed)} point(s) failed: "
-                                  + "; ".join(f"{p.name}: {p.error}" for p in result.failed))
+            result = run_sweep(sweep, progress=progress, keep_going=True)
+            failed += [f"{step.name}/{p.name}: {p.error}" for p in result.failed]
     result_table = build_table(paper, key, tspec, scale, steps)
+    if failed:
+        result_table["failed"] = failed
+        result_table["note"] = result_table.get("note", "") + " Failed: " + "; ".join(failed) + "."
     root = Path(out).resolve()
     rec.atomic_write_json(root / f"table-{key}.json", result_table)
     rec.atomic_write_bytes(root / f"table-{key}.md", table_markdown(result_table).encode("utf-8"))
@@ -252,4 +258,7 @@ def reproduce(paper: str, table: str | None = None, scale: str = "cpu", data_roo
         from veil.report.html import write_report
 
         write_report(finished, root / "report.html", title=result_table["title"], tables=[result_table])
+    if failed:
+        raise ConfigError(f"{len(failed)} run(s) failed (the table at {root / f'table-{key}.md'} has the rest): "
+                          + "; ".join(failed))
     return result_table
