@@ -8,7 +8,7 @@ from typing import Literal
 from veil.attacks.base import AttackConfig
 
 #: section IV.A.4: lambda1 (the image loss's weight) by dataset; lambda2 is 0.1 for all three
-LAMBDA1_BY_DATASET = {"gtsrb": 0.9, "cifar10": 5.0, "imagenet": 5.0}
+LAMBDA1_BY_DATASET = {"gtsrb": 0.9, "gtsrb_sample": 0.9, "cifar10": 5.0, "imagenet": 5.0}
 LAMBDA1_OTHER = 5.0
 
 
