@@ -85,7 +85,7 @@ def test_interrupted_overwrite_keeps_the_finished_run_and_resumes(finished, tmp_
     assert staged == before and (run / ".overwrite" / "checkpoint.pt").is_file()
     monkeypatch.setattr(Trainer, "fit", real_fit)
     assert main(args) == 0
-    assert not (run / ".overwrite").exists() and not (run / rec.LOCK).exists()
+    assert not (run / ".overwrite").exists() and _lock_is_free(run)
     assert json.loads((run / "config.json").read_text())["attack"] == "blend"
     assert json.loads((run / "metrics.json").read_text())["attack"]["name"] == "blend"
     assert len(json.loads((run / "history.json").read_text())) == 2
@@ -98,15 +98,28 @@ def test_a_run_that_fails_before_training_leaves_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def _lock_is_free(folder: Path) -> bool:
+    try:
+        with rec.FolderLock(folder, "test", create=False):
+            return True
+    except RecordError:
+        return False
+
+
 def test_a_run_folder_has_one_writer(tmp_path, capsys):
     """While a live process holds a run folder's lock, a second run (or defend) into it is refused
-    with the holder named; a lock left by a dead process is taken over."""
+    with the holder named; once that process is killed its lock is free again."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    out.mkdir()
+    script = ("import fcntl, json, os, sys, time\n"
+              f"fd = os.open({str(out / rec.LOCK)!r}, os.O_CREAT | os.O_RDWR)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+              "os.write(fd, json.dumps({'host': 'h', 'pid': os.getpid(), 'command': 'veil run (x)', 'since': 's'}).encode())\n"
+              "print('held', flush=True)\n"
+              "time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        out.mkdir()
-        (out / rec.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "command": "veil run (x)",
-                                                 "since": "2026-12-02T00:00:00+00:00"}))
+        assert holder.stdout.readline().strip() == "held"
         code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(out)], capsys)
         assert code == 2 and "in use by another veil command (veil run (x), process" in err, err
         assert not (out / "config.json").exists()
@@ -115,24 +128,25 @@ def test_a_run_folder_has_one_writer(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    # the holder is gone: its lock is stale and taken over
+    # the holder was killed: the system released its lock
     code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(out)], capsys)
     assert code == 0, err
-    assert not (out / rec.LOCK).exists()
+    assert _lock_is_free(out)
 
 
 def test_folder_lock_is_exclusive_and_released(tmp_path):
     lock = rec.FolderLock(tmp_path / "f", "test")
     with lock:
-        assert (tmp_path / "f" / rec.LOCK).is_file()
+        assert json.loads((tmp_path / "f" / rec.LOCK).read_text())["pid"] == os.getpid()
         other = rec.FolderLock(tmp_path / "f", "other")
-        # the same process: the holder is alive, so the lock is not stale
         with pytest.raises(RecordError, match="in use by another veil command"):
             other.acquire()
-    assert not (tmp_path / "f" / rec.LOCK).exists()
+    assert _lock_is_free(tmp_path / "f")
     (tmp_path / "file").write_text("x")
     with pytest.raises(RecordError, match="is not a folder"):
         rec.FolderLock(tmp_path / "file").acquire()
+    with pytest.raises(RecordError, match="does not exist"):
+        rec.FolderLock(tmp_path / "missing", create=False).acquire()
 
 
 # ---------------------------------------------------------------------- one-line errors (case 5)
@@ -485,3 +499,42 @@ def test_a_failed_defense_leaves_no_folder_and_the_run_intact(finished, tmp_path
     code, _, err = run_cli(["defend", "strip", "--run", str(run)], capsys)
     assert code == 2 and "the defense gave up" in err
     assert _snapshot(run) == before and not (run / "defenses").exists()
+
+
+def test_a_replacement_killed_half_way_is_completed_not_lost(finished, tmp_path, capsys):
+    """A kill while a finished overwrite replaces the old run (marker written, old run cleared,
+    some staged files moved) leaves the folder to be completed by the next command: the new run
+    ends up whole, with nothing of either lost half way."""
+    from veil.experiment import PROMOTING, STAGING
+
+    new = _copy(finished, tmp_path / "new")  # stands for a finished staged run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STAGING).mkdir()
+    for p in new.iterdir():
+        if p.is_file():
+            (run / STAGING / p.name).write_bytes(p.read_bytes())
+        else:
+            import shutil
+
+            shutil.copytree(p, run / STAGING / p.name)
+    (run / PROMOTING).write_bytes(b"")
+    (run / STAGING / "config.json").rename(run / "config.json")  # moved before the kill
+    staged = {k: v for k, v in _snapshot(new).items() if not k.startswith(".")}
+    code, _, err = run_cli(["run", "--attack", "badnets", *SMALL, "--out", str(run)], capsys)
+    assert code == 2 and "already holds a finished run" in err, err
+    assert not (run / STAGING).exists() and not (run / PROMOTING).exists()
+    assert {k: v for k, v in _snapshot(run).items() if not k.startswith(".")} == staged
+
+
+def test_paper_training_sets_the_semantic_target_and_loaded_adaptive_attacks_keep_their_classifier():
+    from veil.attacks import create_attack
+    from veil.runs import resolve_config
+
+    config = resolve_config({"attack": "semantic", "dataset": "gtsrb_sample", "model": "vgg16", "out": "x"})
+    assert config.target == 1 and config.sources["target"] == "paper"
+    a = create_attack("adaptive", 4, (3, 16, 16), width=4, levels=3)
+    assert a.start_from_benign
+    b = create_attack("adaptive", 4, (3, 16, 16), width=4, levels=3)
+    b.load_state_dict(a.state_dict())
+    assert not b.start_from_benign  # --init-from: the classifier comes from the loaded run

@@ -31,6 +31,7 @@ from veil.models import create_model
 from veil.runs import (  # noqa: F401  (LoadedRun, load_run re-exported)
     LoadedRun,
     RunConfig,
+    check_run_memory,
     create_run_attack,
     eval_subset,
     load_run,
@@ -86,12 +87,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-#: files and folders of a run record (what overwriting a run replaces)
-_RECORD_FILES = (rec.CONFIG, rec.ENVIRONMENT, rec.POISON_INDICES, rec.HISTORY, rec.CHECKPOINT, rec.MODEL, rec.ATTACK,
-                 rec.SAMPLES, rec.SAMPLES_PNG, rec.METRICS)
+#: files and folders of a run record (what overwriting a run replaces); metrics first, so that a
+#: folder being cleared stops reading as finished before anything else goes
+_RECORD_FILES = (rec.METRICS, rec.CONFIG, rec.ENVIRONMENT, rec.POISON_INDICES, rec.HISTORY, rec.CHECKPOINT, rec.MODEL,
+                 rec.ATTACK, rec.SAMPLES, rec.SAMPLES_PNG, "augment_autoencoder.safetensors")
 _RECORD_DIRS = ("figures", "tables", "defenses", "analysis")
-#: where ``--overwrite`` of a finished run trains the new one until it finishes (inside the run folder)
+#: where ``--overwrite`` trains the new run until it finishes (inside the run folder)
 STAGING = ".overwrite"
+#: written while a finished staged run replaces the old one, so that an interrupted replacement
+#: is completed (not redone) by the next command on the folder
+PROMOTING = ".promoting"
 
 
 def _check_folder(config: RunConfig) -> None:
@@ -111,7 +116,9 @@ def _check_folder(config: RunConfig) -> None:
         raise RecordError(f"output folder {root} already holds a finished run; pass --overwrite to replace it")
     if not config.overwrite and record.path(rec.CHECKPOINT).is_file() and record.path(rec.CONFIG).is_file():
         _check_resumable(record, config)
-    if root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")) and not record.path(rec.CONFIG).is_file():
+    known = set(_RECORD_FILES) | set(_RECORD_DIRS)
+    if root.is_dir() and not record.path(rec.CONFIG).is_file() and any(
+            not p.name.startswith(".") and not (config.overwrite and p.name in known) for p in root.iterdir()):
         raise RecordError(f"output folder {root} is not empty and is not a veil run; choose another --out")
 
 
@@ -136,12 +143,13 @@ def _clear(record: rec.RunRecord) -> None:
 def _prepare_folder(config: RunConfig) -> rec.RunRecord:
     """The record this run writes (the folder is locked and was checked by :func:`_check_folder`).
 
-    ``--overwrite`` of a *finished* run trains the new one in ``RUN/.overwrite/`` and replaces the
-    old one only when the new one has finished (:func:`_promote`), so a failing or interrupted
-    run loses nothing of the finished one; an interrupted overwrite resumes there.
+    ``--overwrite`` of a folder that holds a run (finished or not) trains the new one in
+    ``RUN/.overwrite/`` and replaces the old one only when the new one has finished
+    (:func:`_promote`), so a failing or interrupted run loses nothing of the old one; an
+    interrupted overwrite resumes there.
     """
     record = rec.RunRecord(config.out)
-    if config.overwrite and record.finished:
+    if config.overwrite and record.path(rec.CONFIG).is_file():
         staging = rec.RunRecord(record.path(STAGING))
         if staging.path(rec.CHECKPOINT).is_file() and staging.path(rec.CONFIG).is_file():
             try:
@@ -153,19 +161,32 @@ def _prepare_folder(config: RunConfig) -> rec.RunRecord:
         staging.root.mkdir()
         return staging
     if config.overwrite:
-        _clear(record)
+        _clear(record)  # leftovers of a run that never wrote its config
         shutil.rmtree(record.path(STAGING), ignore_errors=True)
     return record
 
 
 def _promote(staging: rec.RunRecord, final: rec.RunRecord) -> None:
-    """Replace the finished run in ``final`` by the one finished in ``staging`` (its metrics last,
-    so that the folder reads as finished only once the rest is in place)."""
-    _clear(final)
-    entries = sorted(staging.root.iterdir(), key=lambda p: p.name == rec.METRICS)
-    for entry in entries:
+    """Replace the run in ``final`` by the one finished in ``staging``. A marker file makes it
+    resumable: the old run is cleared once (metrics first), then the staged files are moved in
+    (metrics last), so the folder reads as finished only when everything is in place; a command
+    that finds the marker or a finished staged run completes the move (:func:`_complete_promotion`)."""
+    marker = final.path(PROMOTING)
+    if not marker.is_file():
+        rec.atomic_write_bytes(marker, b"")
+        _clear(final)
+    for entry in sorted(staging.root.iterdir(), key=lambda p: p.name == rec.METRICS):
         os.replace(entry, final.path(entry.name))
     staging.root.rmdir()
+    marker.unlink(missing_ok=True)
+
+
+def _complete_promotion(final: rec.RunRecord) -> None:
+    """Finish a replacement a killed command left half done (the folder is locked)."""
+    staging = rec.RunRecord(final.path(STAGING))
+    if staging.finished or (final.path(PROMOTING).is_file() and staging.root.is_dir()):
+        log.warning("completing the replacement of the run in %s that an earlier command left unfinished", final.root)
+        _promote(staging, final)
 
 
 def _discard_failed(record: rec.RunRecord, created: bool) -> None:
@@ -220,16 +241,22 @@ def run_experiment(config: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     train, test = load_run_data(config)
     data_seconds = time.perf_counter() - t0
+    check_run_memory(config, train.num_classes, train.image_shape, device)
     attack = create_run_attack(config, train.num_classes, train.image_shape)
     final = rec.RunRecord(config.out)
     created = not final.root.exists()
     with rec.FolderLock(final.root, f"veil run ({config.attack})"):
-        _check_folder(config)  # again, now that no other command can change it
-        record = _prepare_folder(config)
+        record: rec.RunRecord | None = None
         try:
+            _complete_promotion(final)
+            _check_folder(config)  # again, now that no other command can change it
+            record = _prepare_folder(config)
             metrics = _run(config, record, device, init, train, test, attack, data_seconds, t_start)
         except BaseException:
-            _discard_failed(record, created)
+            if record is not None:
+                _discard_failed(record, created)
+            elif created:
+                shutil.rmtree(final.root, ignore_errors=True)
             raise
         if record.root != final.root:
             _promote(record, final)

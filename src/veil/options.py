@@ -83,16 +83,18 @@ def value_matches(value: Any, hint: Any) -> bool:
     return True
 
 
-def check_types(config_cls: type, values: dict[str, Any], what: str) -> None:
-    """Each of ``values`` (``None`` meaning "the default" is skipped) against the annotation of the
-    field of the dataclass ``config_cls`` it names: the one type check of options and run settings.
+def check_types(config_cls: type, values: dict[str, Any], what: str, none_is_default: bool = True) -> None:
+    """Each of ``values`` against the annotation of the field of the dataclass ``config_cls`` it
+    names: the one type check of options and run settings. With ``none_is_default`` (options),
+    ``None`` means "the default" and is not checked; without it (a built config) it must fit the
+    annotation like any value.
 
     Raises:
         ConfigError: ``WHAT NAME must be TYPE, got VALUE``.
     """
     hints = typing.get_type_hints(config_cls)
     for key, value in values.items():
-        if value is None or key not in hints:
+        if key not in hints or (value is None and none_is_default):
             continue
         if not value_matches(value, hints[key]):
             raise ConfigError(f"{what} {key} must be {type_name(hints[key])}, got {value!r}")

@@ -17,11 +17,11 @@ Layout::
       samples.safetensors  a few clean test images and their poisoned versions (uint8)
       samples.png          grid of clean / poisoned / amplified residual images
       metrics.json         final metrics; its presence marks the run as finished
-      .veil-lock           while a command writes the folder: who (host, process, since when)
+      .veil-lock           the one-writer lock; while held: who (host, process, since when)
 
-A run folder has one writer at a time (:class:`FolderLock`): ``veil run``, ``veil defend`` and sweep
-workers take its lock, and a second command on the same folder gets a clear error; a lock left by a
-killed process on this host is taken over.
+A run folder has one writer at a time (:class:`FolderLock`, an operating-system lock on
+``.veil-lock``): ``veil run``, ``veil defend`` and sweep workers take it, and a second command on
+the same folder gets a clear error; a killed process's lock is released by the system.
 """
 
 from __future__ import annotations
@@ -174,26 +174,15 @@ def read_json(path: str | Path) -> Any:
         raise RecordError(f"{path} cannot be read ({exc.strerror or exc})") from None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OSError:
-        return False
-    return True
-
-
 class FolderLock:
-    """The one-writer lock of a run (or sweep) folder: ``FOLDER/.veil-lock``, created exclusively,
-    holding the host, process id, command and start time of its holder.
+    """The one-writer lock of a run (or sweep) folder: an exclusive ``flock`` on
+    ``FOLDER/.veil-lock``, which holds the host, process id, command and start time of its holder.
 
-    Use as a context manager (or :meth:`acquire` / :meth:`release`). A lock whose holder is a
-    process of this host that no longer runs is stale and taken over; a live holder, or one on
-    another host, gives a :class:`RecordError` naming it. The folder is created if missing
-    (unless ``create`` is False: then a missing folder is an error).
+    Use as a context manager (or :meth:`acquire` / :meth:`release`). The operating system releases
+    the lock when its holder exits, however it exits, so a lock left by a killed process is simply
+    taken; a live holder gives a :class:`RecordError` naming it. The lock file stays in the folder
+    (empty when free). The folder is created if missing (unless ``create`` is False: then a
+    missing folder is an error).
     """
 
     def __init__(self, folder: str | Path, what: str = "command", create: bool = True) -> None:
@@ -201,7 +190,11 @@ class FolderLock:
         self.path = self.folder / LOCK
         self.what = what
         self.create = create
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -211,46 +204,41 @@ class FolderLock:
             return None
 
     def acquire(self) -> FolderLock:
+        import fcntl
+
         if self.folder.exists() and not self.folder.is_dir():
             raise RecordError(f"{self.folder} exists and is not a folder")
         if not self.create and not self.folder.is_dir():
             raise RecordError(f"run folder {self.folder} does not exist")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
-            raise RecordError(f"cannot create the folder {self.folder} ({exc.strerror or exc})") from None
+            raise RecordError(f"cannot write in {self.folder} ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = self._holder() or {}
+            raise RecordError(
+                f"{self.folder} is in use by another veil command ({holder.get('command', 'unknown')}, process "
+                f"{holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}); wait for it "
+                "to finish") from None
         me = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.what,
               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
-                        and holder["pid"] != me["pid"] and not _pid_alive(holder["pid"]):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                if holder is None:
-                    raise RecordError(f"{self.folder} is locked by another veil command ({self.path} exists and cannot "
-                                      "be read); if none runs, delete that file") from None
-                raise RecordError(
-                    f"{self.folder} is in use by another veil command ({holder.get('command')}, process "
-                    f"{holder.get('pid')} on {holder.get('host')} since {holder.get('since')}); wait for it, or "
-                    f"delete {self.path} if it no longer runs") from None
-            except OSError as exc:
-                raise RecordError(f"cannot write in {self.folder} ({exc.strerror or exc})") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RecordError(f"could not take the lock {self.path}")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode("utf-8"))
+        self._fd = fd
+        return self
 
     def release(self) -> None:
-        if self.held:
-            holder = self._holder()
-            if holder is None or holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

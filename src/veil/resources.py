@@ -49,7 +49,8 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # memory this process's caching allocator holds but no tensor uses is free for the run too
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     meminfo = Path("/proc/meminfo")
     try:
         for line in meminfo.read_text().splitlines():

@@ -8,6 +8,7 @@ from. Below the training orchestrator (:mod:`veil.experiment`) and the command l
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from veil.models import MODELS
 from veil.models.loading import load_classifier
 from veil.train import TrainConfig, resolve_device
 
+log = logging.getLogger(__name__)
+
 __all__ = [
-    "EVAL_SHARE", "LoadedRun", "RunConfig", "create_run_attack", "eval_subset", "load_run", "load_run_data", "resolve_config",
+    "EVAL_SHARE", "LoadedRun", "RunConfig", "check_run_memory", "create_run_attack", "eval_subset", "load_run", "load_run_data", "resolve_config",
 ]
 
 
@@ -130,7 +133,8 @@ class RunConfig:
         """Check names, types and ranges that can be checked without loading data."""
         from veil.options import check_types
 
-        check_types(RunConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "run setting")
+        check_types(RunConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "run setting",
+                    none_is_default=False)
         ATTACKS.get(self.attack)
         MODELS.get(self.model)
         DATASETS.get(self.dataset)
@@ -274,16 +278,30 @@ def create_run_attack(config: RunConfig, num_classes: int, image_shape: tuple[in
     """The run's attack; ``all_targets`` is passed only when set (attacks without the option
     then refuse it)."""
     from veil.options import build_options
-    from veil.resources import check_fits, classifier_bytes, format_bytes
 
     options = dict(config.attack_options)
     if config.all_targets:
         options["all_targets"] = True
     cls = ATTACKS.get(config.attack)
-    shared = dict(target=config.target, mode=config.mode, poison_rate=config.poison_rate,
-                  poison_count=config.poison_count, seed=config.seed)
-    attack_config = build_options("attack", config.attack, cls.Config, {**options, **shared})
-    # what training will hold in memory, before the attack's generator or the model is built
+    attack_config = build_options("attack", config.attack, cls.Config, {**options, **_shared_options(config)})
+    return cls(attack_config, num_classes, image_shape)
+
+
+def _shared_options(config: RunConfig) -> dict[str, Any]:
+    return dict(target=config.target, mode=config.mode, poison_rate=config.poison_rate,
+                poison_count=config.poison_count, seed=config.seed)
+
+
+def check_run_memory(config: RunConfig, num_classes: int, image_shape: tuple[int, int, int],
+                     device: torch.device) -> None:
+    """Refuse a run whose training cannot fit in ``device``'s memory (the classifier and the
+    attack's own networks, estimated before either is built: :mod:`veil.resources`)."""
+    from veil.options import build_options
+    from veil.resources import check_fits, classifier_bytes, format_bytes
+
+    cls = ATTACKS.get(config.attack)
+    options = {**config.attack_options, **({"all_targets": True} if config.all_targets else {})}
+    attack_config = build_options("attack", config.attack, cls.Config, {**options, **_shared_options(config)})
     attack_bytes = cls.memory_bytes(attack_config, num_classes, image_shape, config.batch_size)
     model_bytes = classifier_bytes(config.model, num_classes, config.image_size, config.width, config.batch_size,
                                    channels=image_shape[0])
@@ -291,8 +309,7 @@ def create_run_attack(config: RunConfig, num_classes: int, image_shape: tuple[in
                f"training {config.model} (width {config.width}, image size {config.image_size}, batch "
                f"{config.batch_size}: {format_bytes(model_bytes)}) with attack {config.attack!r} "
                f"({format_bytes(attack_bytes)})",
-               "lower the image size, width, batch size or the attack's size options", resolve_device(config.device))
-    return cls(attack_config, num_classes, image_shape)
+               "lower the image size, width, batch size or the attack's size options", device)
 
 
 @dataclass
@@ -338,6 +355,12 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     record = rec.RunRecord(run_dir)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     config = RunConfig(**{k: v for k, v in raw.items() if k in fields})
+    known = {f.name for f in dataclasses.fields(ATTACKS.get(config.attack).Config)}
+    removed = sorted(set(config.attack_options) - known)
+    if removed:  # options an older veil had (e.g. multinomial settle_fraction, removed in 0.2)
+        log.warning("run %s was recorded with attack option(s) %s, which this veil no longer has; loading it without them",
+                    run_dir, ", ".join(removed))
+        config = dataclasses.replace(config, attack_options={k: v for k, v in config.attack_options.items() if k in known})
     num_classes = int(model.head.weight.shape[0])
     in_channels = int(getattr(model, "in_channels", 3))
     attack = create_run_attack(config, num_classes, (in_channels, config.image_size, config.image_size))

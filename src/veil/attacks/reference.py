@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from veil.data.base import ImageDataset
 from veil.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def encode_architecture(name: str, width: int | None) -> Tensor:
+    """``(name, width)`` as a uint8 tensor (``name:width``), for an attack's tensor state."""
+    return torch.tensor(list(f"{name}:{'' if width is None else width}".encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_architecture(t: Tensor) -> tuple[str, int | None]:
+    name, _, width = bytes(t.tolist()).decode("utf-8").partition(":")
+    return name, int(width) if width else None
 
 
 def reference_architecture(model: str | None, width: int | None, victim: dict[str, Any] | None) -> tuple[str, int | None]:

@@ -507,7 +507,7 @@ def _extra_folders(root: Path) -> list[Path]:
     for kind in (FIGURES_DIR, TABLES_DIR):
         for path in root.rglob(kind):
             rel = path.relative_to(root).parts[:-1]
-            if path.is_dir() and not {FIGURES_DIR, TABLES_DIR} & set(rel):
+            if path.is_dir() and not {FIGURES_DIR, TABLES_DIR} & set(rel) and not any(p.startswith(".") for p in rel):
                 found.add(path.parent)
     return sorted(found, key=lambda p: (p != root, p.relative_to(root).as_posix()))
 

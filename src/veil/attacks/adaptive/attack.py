@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from veil.attacks.adaptive.config import AdaptiveConfig
 from veil.attacks.adaptive.hook import AdaptiveHook
 from veil.attacks.base import Attack, AttackKind, register_attack
-from veil.attacks.reference import load_reference, reference_architecture, train_reference
+from veil.attacks.reference import (
+    decode_architecture,
+    encode_architecture,
+    load_reference,
+    reference_architecture,
+    train_reference,
+)
 from veil.data.base import ImageDataset, PoisonedDataset, to_float
 from veil.errors import ConfigError
 from veil.inference import eval_mode
@@ -65,6 +71,9 @@ class AdaptiveAttack(Attack):
         self.benign_architecture: tuple[str, int | None] | None = None
         self.noise_seed = int(c.seed) * 1_000_003 + _NOISE_SALT
         self.results: dict[str, Any] = {}
+        #: whether training starts the classifier from the benign model (False once the attack was
+        #: loaded from a run, e.g. ``--init-from``: the classifier then comes from that run)
+        self.start_from_benign = True
 
     @classmethod
     def memory_bytes(cls, config: AdaptiveConfig, num_classes: int, image_shape: tuple[int, int, int],  # type: ignore[override]
@@ -108,15 +117,19 @@ class AdaptiveAttack(Attack):
         c = self.config
         if train.image_shape != self.image_shape:
             raise ConfigError(f"attack built for images {self.image_shape}, training set has {train.image_shape}")
+        def check(arch: tuple[str, int | None]) -> None:
+            if victim is not None and victim.get("model") and (victim["model"], victim.get("width")) != arch:
+                raise ConfigError(f"the benign model is {arch[0]} (width {arch[1]}) but the victim is {victim['model']} "
+                                  f"(width {victim.get('width')}): the attacked classifier is fine-tuned from the benign one")
+
         if c.reference_run is not None:
             model, ref = load_reference(c.reference_run, train, self.num_classes, device, "adaptive")
             arch = (str(ref["model"]), ref.get("width"))
+            check(arch)
         else:
             arch = reference_architecture(c.reference_model, c.reference_width, victim)
+            check(arch)  # before training a benign model that could not be used
             model = train_reference(train, self.num_classes, arch[0], arch[1], c.reference_epochs, c.seed, device, "adaptive")
-        if victim is not None and victim.get("model") and (victim["model"], victim.get("width")) != arch:
-            raise ConfigError(f"the benign model is {arch[0]} (width {arch[1]}) but the victim is {victim['model']} "
-                              f"(width {victim.get('width')}): the attacked classifier is fine-tuned from the benign one")
         self.benign_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.benign_architecture = arch
         if c.generator == "mpm":
@@ -255,6 +268,8 @@ class AdaptiveAttack(Attack):
     def state_dict(self) -> dict[str, Tensor]:
         state = {f"generator.{k}": v.detach().cpu().clone() for k, v in self.generator.state_dict().items()}
         state.update({f"benign.{k}": v.clone() for k, v in self.benign_state.items()})
+        if self.benign_architecture is not None:
+            state["benign_arch"] = encode_architecture(*self.benign_architecture)
         if self.samplenet is not None:
             state.update({f"samplenet.{k}": v.detach().cpu().clone() for k, v in self.samplenet.state_dict().items()})
         state["noise_seed"] = torch.tensor(self.noise_seed, dtype=torch.int64)
@@ -265,6 +280,9 @@ class AdaptiveAttack(Attack):
         self.generator.load_state_dict(gen)
         self.noise_seed = int(self._state_tensor(state, "noise_seed", torch.tensor(0, dtype=torch.int64)))
         self.benign_state = {k[len("benign."):]: v.detach().cpu().clone() for k, v in state.items() if k.startswith("benign.")}
+        if "benign_arch" in state:
+            self.benign_architecture = decode_architecture(state["benign_arch"])
+        self.start_from_benign = False
         if any(k.startswith("samplenet.") for k in state):
             net = SampleNet()
             net.load_state_dict({k: self._state_tensor(state, f"samplenet.{k}", v) for k, v in net.state_dict().items()})

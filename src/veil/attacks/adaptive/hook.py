@@ -85,7 +85,7 @@ class AdaptiveHook(TrainHook):
         self.noise.manual_seed(a.config.seed * 1_000_003 + _TRAIN_NOISE_SALT)
         if self._noise_state is not None:
             self.noise.set_state(self._noise_state)
-        if ctx.step == 0 and a.benign_state:  # fine-tune from the benign model (not on a resume)
+        if ctx.step == 0 and a.benign_state and a.start_from_benign:  # fine-tune from the benign model (not on a resume)
             ctx.model.load_state_dict(a.benign_state)
         if self.clip is not None:
             self.clip.to(ctx.device)

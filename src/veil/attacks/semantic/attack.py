@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from veil.attacks.base import Attack, AttackKind, register_attack
-from veil.attacks.reference import load_reference, reference_architecture, train_reference
+from veil.attacks.reference import (
+    decode_architecture,
+    encode_architecture,
+    load_reference,
+    reference_architecture,
+    train_reference,
+)
 from veil.attacks.semantic.config import LAMBDA1_BY_DATASET, LAMBDA1_OTHER, SemanticConfig
 from veil.data.base import ImageDataset, to_float
 from veil.errors import ConfigError
@@ -41,14 +47,6 @@ class ChannelAttention(nn.Module):
         return m * self.scores(m)[:, :, None, None]
 
 
-def _encode(text: str) -> Tensor:
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
-
-
-def _decode(t: Tensor) -> str:
-    return bytes(t.tolist()).decode("utf-8")
-
-
 @register_attack("semantic")
 class SemanticAttack(Attack):
     """Semantic-feature backdoor: the poisoned image is a decoder's reconstruction of the clean
@@ -63,7 +61,7 @@ class SemanticAttack(Attack):
     Config = SemanticConfig
     kind: ClassVar[AttackKind] = "fit"
     #: section IV.A.4: the victim is trained with SGD, momentum 0.9, learning rate 0.01, 100 epochs
-    paper_training: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "lr": 0.01, "epochs": 100}
+    paper_training: ClassVar[dict[str, Any]] = {"optimizer": "sgd", "lr": 0.01, "epochs": 100, "target": 1}
 
     def __init__(self, config: SemanticConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
         super().__init__(config, num_classes, image_shape)
@@ -86,9 +84,10 @@ class SemanticAttack(Attack):
         for name in ("reduction", "generator_epochs", "generator_batch_size", "reference_epochs"):
             if getattr(c, name) < 1:
                 raise ConfigError(f"semantic {name} must be a positive integer, got {getattr(c, name)}")
-        if c.train_attention and c.attention_scale == "channels" and c.attention_activation == "softmax":
-            raise ConfigError("semantic: a trained attention with scale 'channels' can reach the identity (t = M) and "
-                              "remove the trigger; keep attention_scale=1 or train_attention=False")
+        if c.train_attention and (c.attention_scale != 1 or c.attention_activation != "softmax"):
+            raise ConfigError("semantic: a trained attention other than the paper's unscaled softmax can reach the "
+                              "identity (t = M) and remove the trigger; keep the softmax at scale 1, or set "
+                              "train_attention=False")
 
     # ------------------------------------------------------------------ building
     def _build(self, surrogate: nn.Module, arch: tuple[str, int | None]) -> None:
@@ -198,12 +197,15 @@ class SemanticAttack(Attack):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, test: ImageDataset) -> dict[str, Any]:
-        """``feature_distance``: the mean ``||t - t^||^2 / ||t||^2`` over 500 test images (how close
-        the poisoned image's high-level map is to the trigger: the feature objective)."""
+        """``feature_relative_error``: the mean ``||t - t^||^2 / ||t||^2`` over 500 test images of
+        other labels than the target, drawn with the seed (how close the poisoned image's
+        high-level map is to the trigger: the feature objective)."""
         if self.decoder is None:
             return {}
         dev = next(self.decoder.parameters()).device
-        x = to_float(test.images[:500]).to(dev)
+        rows = torch.nonzero(test.labels != self.config.target).flatten()
+        rows = rows[torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(self.config.seed))[:500]]
+        x = to_float(test.images[rows]).to(dev)
         with eval_mode(self.decoder, self.attention, self.surrogate):  # type: ignore[arg-type]
             _, t, t_hat = self.generate(x)
         rel = (t - t_hat).pow(2).flatten(1).sum(1) / t.pow(2).flatten(1).sum(1).clamp_min(1e-12)
@@ -218,8 +220,7 @@ class SemanticAttack(Attack):
         state = {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
         state.update({f"attention.{k}": v.detach().cpu().clone() for k, v in self.attention.state_dict().items()})
         state.update({f"surrogate.{k}": v.detach().cpu().clone() for k, v in self.surrogate.state_dict().items()})
-        name, width = self.surrogate_arch
-        state["surrogate_arch"] = _encode(f"{name}:{'' if width is None else width}")
+        state["surrogate_arch"] = encode_architecture(*self.surrogate_arch)
         state["lambda1"] = torch.tensor(float(self.lambda1 if self.lambda1 is not None else LAMBDA1_OTHER))
         return state
 
@@ -228,8 +229,7 @@ class SemanticAttack(Attack):
 
         if "surrogate_arch" not in state:
             raise ConfigError(f"semantic attack state lacks 'surrogate_arch' (has: {', '.join(sorted(state)) or 'nothing'})")
-        name, _, width_text = _decode(state["surrogate_arch"]).partition(":")
-        width = int(width_text) if width_text else None
+        name, width = decode_architecture(state["surrogate_arch"])
         ch, h, _ = self.image_shape
         surrogate = create_model(name, num_classes=self.num_classes, image_size=h, width=width, in_channels=ch)
         surrogate.load_state_dict({k[len("surrogate."):]: v for k, v in state.items() if k.startswith("surrogate.")})
