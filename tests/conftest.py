@@ -67,3 +67,12 @@ def load_script(relative: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def run_cli(args, capsys):
+    """``veil -q ARGS`` in this process: (exit status, stdout, stderr)."""
+    from veil.cli import main
+
+    code = main(["-q", *args])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
+
 from veil.cli import main
 from veil.records import RunRecord
 
@@ -16,10 +18,6 @@ SMALL = ["--dataset", "gtsrb_sample", "--model", "preact_resnet18", "--width", "
          "--train-subset", "430", "--test-subset", "215", "--stealth-samples", "32", "--seed", "0"]
 
 
-def run_cli(args, capsys):
-    code = main(["-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(args, capsys) -> str:

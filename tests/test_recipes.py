@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from veil.cli import main
+from conftest import run_cli
+
 from veil.errors import ConfigError
 from veil.recipes import RECIPES_DIR, list_recipes, load_recipe, parse_recipe
 from veil.runs import RunConfig
 
 
-def run_cli(args, capsys):
-    code = main(["-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_bundled_recipes_are_valid_and_named_after_their_path():

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from veil import records as rec
+from conftest import run_cli
+
 from veil.cli import main
 from veil.errors import RecordError
 
@@ -19,10 +21,6 @@ SMALL = ["--dataset", "gtsrb_sample", "--model", "preact_resnet18", "--width", "
          "--train-subset", "86", "--test-subset", "86", "--stealth-samples", "8", "--seed", "0"]
 
 
-def run_cli(args, capsys):
-    code = main(["-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -77,8 +77,8 @@ def image_bytes(count: int, image_size: int, channels: int = 3) -> int:
     return int(count) * channels * int(image_size) ** 2
 
 
-def _activation_numel(model: nn.Module, side: int, channels: int) -> int:
-    """Elements output by the leaf modules of ``model`` for one image of ``side`` pixels."""
+def _leaf_output_numel(module: nn.Module, x: torch.Tensor) -> int:
+    """Elements output by the leaf modules of ``module`` in a forward pass on ``x`` (no gradients)."""
     total = 0
 
     def hook(_m: nn.Module, _inp: object, out: object) -> None:
@@ -86,10 +86,10 @@ def _activation_numel(model: nn.Module, side: int, channels: int) -> int:
         if isinstance(out, torch.Tensor):
             total += out.numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, side, side))
+            module(x)
     finally:
         for h in handles:
             h.remove()
@@ -111,7 +111,7 @@ def classifier_bytes(name: str, num_classes: int, image_size: int, width: int | 
     probe_width = PROBE_WIDTH if width is not None else None
     model = create_model(name, num_classes=num_classes, image_size=side, width=probe_width, seed=0)
     params = sum(p.numel() for p in model.parameters())
-    acts = _activation_numel(model, side, channels)
+    acts = _leaf_output_numel(model.eval(), torch.zeros(1, channels, side, side))
     scale = (width / PROBE_WIDTH) if width is not None else 1.0
     param_bytes = 4 * 4 * params * scale**2
     act_bytes = 4 * acts * scale * batch_size * (image_size / side) ** 2
@@ -127,17 +127,5 @@ def module_bytes(factory: Callable[[], nn.Module], input_shape: tuple[int, ...],
     with torch.device("meta"):
         module = factory()
         params = sum(p.numel() for p in module.parameters())
-        total = 0
-
-        def hook(_m: nn.Module, _inp: object, out: object) -> None:
-            nonlocal total
-            if isinstance(out, torch.Tensor):
-                total += out.numel()
-
-        handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
-        try:
-            module(torch.zeros(1, *input_shape))
-        finally:
-            for h in handles:
-                h.remove()
+        total = _leaf_output_numel(module, torch.zeros(1, *input_shape))
     return int(4 * optimizer_copies * params + 4 * total * batch_size)

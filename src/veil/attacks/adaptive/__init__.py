@@ -1,11 +1,11 @@
-"""Adaptive backdoor attack (CMES 2023, ``../shared/papers/adaptive-backdoor-attack.txt``).
+"""Adaptive backdoor attack (CMES 2023, the seed paper ``adaptive-backdoor-attack.txt``).
 
 What the code implements:
 
 * **Texture mask** (section 3.4, eq. 1-3; :mod:`veil.triggers.texture`): HILL's cost ``W <= T``
   (``mask="hill"``, T = 1, Table 3's GTSRB rows) or the Sobel gradient magnitude ``G >= T``
   (``mask="sobel"``, T = 10, its CIFAR-10 rows), on luma, one mask per image broadcast to the
-  channels (reading 3 of ``../shared/specs/adaptive.md``), computed on the image the trigger is
+  channels (reading 3 of the project's spec ``specs/adaptive.md``), computed on the image the trigger is
   added to, so the victim's crop moves mask and trigger together (reading 4).
 * **Generator** (eq. 4, 5): veil's U-Net (:class:`veil.triggers.unet.UNet`). HardTanh: ``g =
   hardtanh(U(x), -i, i)`` grey levels (i = 40 with HILL, 12 with Sobel). MPM: probability pairs

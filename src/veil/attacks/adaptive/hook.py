@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from veil.attacks.base import Attack
-from veil.data.base import PoisonedDataset
+from veil.attacks.cotrain import GeneratorHook
 from veil.metrics.image import ssim
-from veil.train import Batch, StepContext, TrainHook
+from veil.train import Batch, StepContext
 
 #: salt of the training-time sampling noise stream (MPM)
 _TRAIN_NOISE_SALT = 4_243
@@ -52,7 +52,7 @@ class ParameterClip:
                 t.data.copy_(torch.maximum(torch.minimum(t.data, bound[1].view_as(t.data)), bound[0].view_as(t.data)))
 
 
-class AdaptiveHook(TrainHook):
+class AdaptiveHook(GeneratorHook):
     """Eq. 6 for one batch: every row at the training set's ``poison_indices`` gets a poisoned copy
     ``x_p = clip(x + M(x) * g(x) / 255)`` labelled with its target, appended to the batch; the hook
     owns the loss ``CE(poisoned) + a * CE(clean) + b * (1 - SSIM(x, x_p))`` (plus the no-mask
@@ -60,45 +60,24 @@ class AdaptiveHook(TrainHook):
     classifier is clipped to the benign model (:class:`ParameterClip`)."""
 
     def __init__(self, attack: Attack) -> None:  # an AdaptiveAttack (typed by its base: no import circle)
-        self.attack = attack
+        super().__init__(attack, attack.config.lr, _TRAIN_NOISE_SALT)
         c = attack.config
-        self.generator = attack.generator
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.lr)
         self.clip = ParameterClip(attack.benign_state, c.r) if attack.benign_state else None
-        self.noise: torch.Generator | None = None
-        self._noise_state: Tensor | None = None
-        self._poison_mask: Tensor | None = None
         self._pending: dict[str, Any] = {}
-        self._sums: dict[str, float] = {}
-
-    def modules(self) -> tuple[nn.Module, ...]:
-        return (self.generator,)
-
-    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
-        return (self.optimizer,)
 
     def setup(self, ctx: StepContext) -> None:
         a = self.attack
         if a.config.generator == "mpm":
             a._samplenet().to(ctx.device)
-        self.noise = torch.Generator(device=ctx.device)
-        self.noise.manual_seed(a.config.seed * 1_000_003 + _TRAIN_NOISE_SALT)
-        if self._noise_state is not None:
-            self.noise.set_state(self._noise_state)
+        super().setup(ctx)
         if ctx.step == 0 and a.benign_state and a.start_from_benign:  # fine-tune from the benign model (not on a resume)
             ctx.model.load_state_dict(a.benign_state)
         if self.clip is not None:
             self.clip.to(ctx.device)
-        data = ctx.train_data
-        idx = data.poison_indices if isinstance(data, PoisonedDataset) else a.select_poison_indices(data)
-        mask = torch.zeros(len(data), dtype=torch.bool)
-        mask[idx] = True
-        self._poison_mask = mask.to(ctx.device)
 
     def transform_batch(self, ctx: StepContext, batch: Batch) -> Batch:
-        assert self._poison_mask is not None and self.noise is not None
         a = self.attack
-        sel = self._poison_mask[batch.index]
+        sel = self.poisoned_rows(batch)
         n_clean = int(batch.y.numel())
         if not bool(sel.any()):
             self._pending = {"n_clean": n_clean, "x_src": None}
@@ -118,8 +97,8 @@ class AdaptiveHook(TrainHook):
         n = p["n_clean"]
         logits = logits.float()
         clean = F.cross_entropy(logits[:n], batch.y[:n], label_smoothing=ctx.label_smoothing)
-        self._add("clean_ce", float(clean.detach()))
-        self._add("clean_steps", 1.0)
+        self.add("clean_ce", float(clean.detach()))
+        self.add("clean_steps", 1.0)
         if p["x_src"] is None:
             return c.clean_weight * clean
         poisoned = F.cross_entropy(logits[n:], batch.y[n:], label_smoothing=ctx.label_smoothing)
@@ -127,44 +106,24 @@ class AdaptiveHook(TrainHook):
         if c.b > 0:
             dissimilarity = 1 - ssim(p["x_src"].float(), p["x_p"].float()).mean()
             total = total + c.b * dissimilarity.to(total.dtype)
-            self._add("ssim_loss", float(dissimilarity.detach()))
+            self.add("ssim_loss", float(dissimilarity.detach()))
         if c.l2_weight > 0:
             l2 = (p["trigger"] / 255.0).pow(2).mean()
             total = total + c.l2_weight * l2
-            self._add("l2", float(l2.detach()))
+            self.add("l2", float(l2.detach()))
         with torch.no_grad():
-            self._add("train_asr", float((logits[n:].argmax(1) == batch.y[n:]).float().mean()))
-            self._add("linf", float(p["trigger"].abs().amax()))
-        self._add("poisoned_ce", float(poisoned.detach()))
-        self._add("steps", 1.0)
+            self.add("train_asr", float((logits[n:].argmax(1) == batch.y[n:]).float().mean()))
+            self.add("linf", float(p["trigger"].abs().amax()))
+        self.add("poisoned_ce", float(poisoned.detach()))
+        self.add("steps", 1.0)
         return total
 
     def after_step(self, ctx: StepContext, batch: Batch) -> None:
         if self.clip is not None:
             self.clip.apply(ctx.model)
 
-    def _add(self, key: str, value: float) -> None:
-        self._sums[key] = self._sums.get(key, 0.0) + value
-
     def on_epoch_end(self, ctx: StepContext) -> dict[str, float]:
-        out = {}
-        if self._sums.get("clean_steps"):
-            out["adaptive_clean_ce"] = self._sums["clean_ce"] / self._sums["clean_steps"]
-        steps = self._sums.get("steps", 0.0)
-        for k in ("poisoned_ce", "ssim_loss", "l2", "train_asr", "linf"):
-            if steps and k in self._sums:
-                out[f"adaptive_{k}"] = self._sums[k] / steps
-        self._sums = {}
+        out = self.epoch_means("adaptive", ("clean_ce",), per="clean_steps")
+        out.update(self.epoch_means("adaptive", ("poisoned_ce", "ssim_loss", "l2", "train_asr", "linf")))
+        self.reset_sums()
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["noise_rng"] = self.noise.get_state() if self.noise is not None else torch.empty(0, dtype=torch.uint8)
-        state["sums"] = dict(self._sums)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        rng = state.get("noise_rng")
-        self._noise_state = rng if rng is not None and rng.numel() else None
-        self._sums = dict(state.get("sums", {}))

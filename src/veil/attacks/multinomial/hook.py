@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from veil.attacks.base import Attack
+from veil.attacks.cotrain import GeneratorHook
 from veil.attacks.multinomial.config import NUM_LOSS_SCALE
-from veil.data.base import PoisonedDataset, to_float
+from veil.data.base import to_float
 from veil.errors import ConfigError
 from veil.inference import eval_mode
-from veil.train import Batch, StepContext, TrainHook
+from veil.train import Batch, StepContext
 from veil.triggers.multinomial import SampleNet, sample_trigger
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _exact_copies(x: Tensor, p_plus: Tensor, p_minus: Tensor, noise: Tensor) -> 
     return ((x[:, None] * 255).round() + hard).clamp(0, 255) / 255.0
 
 
-class MultinomialHook(TrainHook):
+class MultinomialHook(GeneratorHook):
     """Co-trains the attack's generator with the classifier (equations 2, 5, 6, 7).
 
     Per step: the rows of the batch at the training set's ``poison_indices`` are passed through the
@@ -45,43 +46,17 @@ class MultinomialHook(TrainHook):
     """
 
     def __init__(self, attack: Attack) -> None:  # a MultinomialAttack (typed by its base: no import circle)
-        self.attack = attack
-        c = attack.config
-        self.generator = attack.generator
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=c.lr)
+        super().__init__(attack, attack.config.lr, _TRAIN_NOISE_SALT)
         self.samplenet: SampleNet = attack._samplenet()
         self.f_benign: Tensor | None = None
-        self.noise: torch.Generator | None = None
-        self._noise_state: Tensor | None = None
-        self._poison_mask: Tensor | None = None
         self._pending: dict[str, Any] = {}
-        self._sums: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def modules(self) -> tuple[nn.Module, ...]:
-        return (self.generator,)
-
-    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
-        return (self.optimizer,)
-
     def setup(self, ctx: StepContext) -> None:
-        dev = ctx.device
-        self.samplenet.to(dev)
-        self.noise = torch.Generator(device=dev)
-        self.noise.manual_seed(self.attack.config.seed * 1_000_003 + _TRAIN_NOISE_SALT)
-        if self._noise_state is not None:
-            self.noise.set_state(self._noise_state)
+        self.samplenet.to(ctx.device)
+        super().setup(ctx)
         if self.f_benign is not None:
-            self.f_benign = self.f_benign.to(dev)
-        data = ctx.train_data
-        idx = (
-            data.poison_indices
-            if isinstance(data, PoisonedDataset)
-            else self.attack.select_poison_indices(data)
-        )
-        mask = torch.zeros(len(data), dtype=torch.bool)
-        mask[idx] = True
-        self._poison_mask = mask.to(dev)
+            self.f_benign = self.f_benign.to(ctx.device)
 
     def beta_at(self, ctx: StepContext) -> float:
         """``beta * 2 ** floor(e / period)`` at fractional epoch ``e`` (steps done / steps per
@@ -154,9 +129,8 @@ class MultinomialHook(TrainHook):
 
     # ------------------------------------------------------------------ each step
     def transform_batch(self, ctx: StepContext, batch: Batch) -> Batch:
-        assert self._poison_mask is not None and self.noise is not None
         a = self.attack
-        sel = self._poison_mask[batch.index]
+        sel = self.poisoned_rows(batch)
         n_clean = int(batch.y.numel())
         if not bool(sel.any()):
             self._pending = {"n_clean": n_clean, "targets": None}
@@ -195,7 +169,7 @@ class MultinomialHook(TrainHook):
                 x_ben = x_ben.clone()
                 x_ben[rows_neg] = _exact_copies(x_ben[rows_neg], p_neg[:, None], p_neg[:, None], u[:, None])[:, 0]
             batch.x = x_ben
-            self._add("noise_negatives", float(rows_neg.float().mean()))
+            self.add("noise_negatives", float(rows_neg.float().mean()))
         tint = (
             (pp - pm).mean((-2, -1)).pow(2).mean()
             if a.config.tint_weight > 0
@@ -226,8 +200,8 @@ class MultinomialHook(TrainHook):
             total = ce_clean
         else:  # one mean over benign and malicious images
             total = F.cross_entropy(logits, batch.y, label_smoothing=smoothing)
-        self._add("clean_ce", float(ce_clean.detach()))
-        self._add("clean_steps", 1.0)
+        self.add("clean_ce", float(ce_clean.detach()))
+        self.add("clean_steps", 1.0)
         if p["targets"] is None:
             return total
         ce_mal = F.cross_entropy(logits[n:], batch.y[n:], label_smoothing=smoothing)
@@ -242,16 +216,16 @@ class MultinomialHook(TrainHook):
         total = total + c.alpha * etg + beta * num_loss
         if c.tint_weight > 0:
             total = total + c.tint_weight * p["tint"]
-            self._add("tint", float(p["tint"].detach()))
+            self.add("tint", float(p["tint"].detach()))
         with torch.no_grad():
             hits = float((logits[n:].argmax(1) == batch.y[n:]).float().mean())
-        self._add("malicious_ce", float(ce_mal.detach()))
-        self._add("entanglement", float(etg.detach()))
-        self._add("num", float(p["num"].detach()))
-        self._add("modification_probability", float(p["expected"]))
-        self._add("train_asr", hits)
-        self._add("beta", beta)
-        self._add("steps", 1.0)
+        self.add("malicious_ce", float(ce_mal.detach()))
+        self.add("entanglement", float(etg.detach()))
+        self.add("num", float(p["num"].detach()))
+        self.add("modification_probability", float(p["expected"]))
+        self.add("train_asr", hits)
+        self.add("beta", beta)
+        self.add("steps", 1.0)
         return total
 
     def entanglement_loss(self, features: Tensor, targets: Tensor) -> Tensor:
@@ -269,50 +243,20 @@ class MultinomialHook(TrainHook):
             else diff.abs().mean()
         )
 
-    def _add(self, key: str, value: float) -> None:
-        self._sums[key] = self._sums.get(key, 0.0) + value
-
     def on_epoch_end(self, ctx: StepContext) -> dict[str, float]:
-        steps = self._sums.get("steps", 0.0)
-        out = {}
-        if self._sums.get("clean_steps"):
-            out["multinomial_clean_ce"] = (
-                self._sums["clean_ce"] / self._sums["clean_steps"]
-            )
-        if steps:
-            for k in (
-                "malicious_ce",
-                "entanglement",
-                "num",
-                "modification_probability",
-                "train_asr",
-                "beta",
-                "tint",
-                "noise_negatives",
-            ):
-                if k in self._sums:
-                    out[f"multinomial_{k}"] = self._sums[k] / steps
-        self._sums = {}
+        out = self.epoch_means("multinomial", ("clean_ce",), per="clean_steps")
+        out.update(self.epoch_means("multinomial", ("malicious_ce", "entanglement", "num", "modification_probability",
+                                                    "train_asr", "beta", "tint", "noise_negatives")))
+        self.reset_sums()
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["noise_rng"] = (
-            self.noise.get_state()
-            if self.noise is not None
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        state["f_benign"] = (
-            self.f_benign.cpu() if self.f_benign is not None else torch.empty(0)
-        )
-        state["sums"] = dict(self._sums)
+        state["f_benign"] = self.f_benign.cpu() if self.f_benign is not None else torch.empty(0)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        rng = state.get("noise_rng")
-        self._noise_state = rng if rng is not None and rng.numel() else None
         f = state.get("f_benign")
         self.f_benign = f if f is not None and f.numel() else None
-        self._sums = dict(state.get("sums", {}))

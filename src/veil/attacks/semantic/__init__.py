@@ -1,8 +1,8 @@
-"""Semantic-feature attack (``../shared/papers/semantic-feature-attack.txt``, seed paper 000).
+"""Semantic-feature attack (the seed paper ``semantic-feature-attack.txt``, seed paper 000).
 
 Data-only poisoning: the attacker trains (or is given, ``reference_run``) a clean surrogate of the
 victim's architecture and cannot touch the victim's training. What the code implements, with the
-readings of ``../shared/specs/semantic.md`` it chose:
+readings of the project's spec ``specs/semantic.md`` it chose:
 
 * **Feature taps** (:data:`veil.triggers.decoder.SEMANTIC_TAPS`): one forward pass of the frozen
   surrogate gives three low-level maps (the skips) and the last high-level map ``M``: VGG-16/19's
