@@ -332,3 +332,14 @@ def test_flags_from_a_dataclass_need_documentation_and_a_known_type():
     with pytest.raises(ValueError, match="Toy.blob has no documentation"):
         add_dataclass_arguments(argparse.ArgumentParser(), Toy, {k: v for k, v in docs.items() if k != "blob"},
                                 {"blob": Flag(type=str)})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("all_targets=true", ("all_targets", True)), ("all-targets=False", ("all_targets", False)),
+    ("flag=TRUE", ("flag", True)), ("width=8", ("width", 8)), ("lr=3e-3", ("lr", 3e-3)),
+    ("mode=noise", ("mode", "noise")), ("mode=True", ("mode", True)),
+])
+def test_option_values_are_literals_and_true_false_any_case_are_booleans(text, expected):
+    from veil.options import parse_option
+
+    assert parse_option(text) == expected

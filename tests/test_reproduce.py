@@ -108,3 +108,17 @@ def test_a_reproduction_trains_its_steps_in_order_and_fills_the_table(tiny, caps
     assert main(["-q", "reproduce", "tiny", "--dry-run", "--out", str(tiny)]) == 0
     out = capsys.readouterr().out
     assert "finished  poison_count=40" in out and "to train" not in out
+
+
+def test_a_step_may_read_a_sub_folder_of_the_data_root(tmp_path, monkeypatch):
+    import veil.reproduce as reproduce_mod
+
+    _, _, steps = plan("adaptive", "3", "cpu", "data", tmp_path / "a")
+    roots = {s.name: s.points[0][1].data_root for s in steps}
+    assert roots["hardtanh"] == "data" and Path(roots["cifar10-hardtanh"]) == Path("data") / "cifar10-subset"
+    text = (reproduce_mod.PAPERS_DIR / "adaptive.yaml").read_text(encoding="utf-8")
+    monkeypatch.setattr(reproduce_mod, "PAPERS_DIR", tmp_path)
+    for bad in ("../elsewhere", "/abs"):
+        (tmp_path / "adaptive.yaml").write_text(text.replace("data: cifar10-subset", f"data: {bad}"), encoding="utf-8")
+        with pytest.raises(ConfigError, match="must be a sub-folder of the data root"):
+            load_paper("adaptive")

@@ -22,10 +22,13 @@ T = TypeVar("T")
 
 
 def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
-    """``NAME=VALUE`` -> ``(name, value)``, the value read as a Python literal when it is one."""
+    """``NAME=VALUE`` -> ``(name, value)``, the value read as a Python literal when it is one;
+    ``true`` and ``false`` (any case, as YAML and most shells' users write them) are booleans."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{what} {text!r} must look like NAME=VALUE")
     key, value = text.split("=", 1)
+    if value.strip().lower() in ("true", "false"):
+        return key.strip().replace("-", "_"), value.strip().lower() == "true"
     try:
         parsed: Any = ast.literal_eval(value)
     except (ValueError, SyntaxError):

@@ -25,7 +25,9 @@ steps that produce veil's figures and the cells they fill::
               - {step: table2, point: 1, row: Ours-one-target, column: GTSRB}  # one point
               - {step: clean, row: Standard Training, column: GTSRB}      # a run step
 
-``reference_run: STEP`` passes that step's run folder to a run step, or to every point of a sweep
+``data: SUBFOLDER`` makes a step read ``DATA_ROOT/SUBFOLDER`` (a table whose steps need different
+dataset folders, e.g. ``cifar10-subset`` beside ``gtsrb``, takes the folder holding both as
+``--data-root``). ``reference_run: STEP`` passes that step's run folder to a run step, or to every point of a sweep
 step, as the attack's ``reference_run``. :func:`reproduce` runs the steps (finished runs are read back, not
 retrained) and writes ``OUT/table-T.md``, ``OUT/table-T.json`` and ``OUT/report.html``.
 """
@@ -79,6 +81,11 @@ def load_paper(name: str) -> dict[str, Any]:
             if scale not in SCALES:
                 raise ConfigError(f"{where}: unknown scale {scale!r}; scales: {', '.join(SCALES)}")
             names = [s["name"] for s in plan_["steps"]]
+            for s in plan_["steps"]:
+                sub = s.get("data")
+                if sub is not None and (not isinstance(sub, str) or not sub or Path(sub).is_absolute() or ".." in Path(sub).parts):
+                    raise ConfigError(f"{where}, scale {scale}: step {s['name']!r} has data {sub!r}; it must be a "
+                                      "sub-folder of the data root")
             for cell in plan_["cells"]:
                 if cell["step"] not in names:
                     raise ConfigError(f"{where}, scale {scale}: a cell names the unknown step {cell['step']!r}")
@@ -121,7 +128,10 @@ def plan(paper: str, table: str | None, scale: str, data_root: str | None, out: 
     for s in tspec["scales"][scale]["steps"]:
         recipe = load_recipe(s["recipe"])
         step_out = out / s["name"]
-        overrides: dict[str, Any] = {"data_root": data_root} if data_root is not None else {}
+        step_root = data_root
+        if data_root is not None and s.get("data"):
+            step_root = str(Path(data_root) / s["data"])
+        overrides: dict[str, Any] = {"data_root": step_root} if step_root is not None else {}
         if device is not None:
             overrides["device"] = device
         if recipe.kind == "run":
@@ -133,7 +143,7 @@ def plan(paper: str, table: str | None, scale: str, data_root: str | None, out: 
             config = recipe.run_config(overrides, out=str(step_out))
             steps.append(Step(s["name"], recipe.name, step_out, "run", ((s["name"], config),)))
             continue
-        sweep_spec = recipe.sweep_spec(data_root, str(step_out))
+        sweep_spec = recipe.sweep_spec(step_root, str(step_out))
         base = dict(sweep_spec["base"])
         if device is not None:
             base["device"] = device
