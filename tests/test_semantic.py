@@ -106,3 +106,41 @@ def test_fitting_is_deterministic_and_the_state_round_trips():
     assert a1.config.target == 1 and a1.config.poison_rate == 0.1 and a1.config.lambda2 == 0.1
     with pytest.raises(RuntimeError, match="needs fit"):
         create_attack("semantic", 4, (3, 32, 32)).apply(x)
+
+
+def test_a_generator_fitted_on_a_reference_run_is_cached_and_reused(tmp_path, monkeypatch):
+    """Poison-rate sweeps over one reference run fit the generator once: the second fit reads the
+    cache (the same weights, no training); other generator options, or a broken cache, refit."""
+    from veil.experiment import RunConfig
+    from veil.records import RunRecord
+
+    run = RunRecord(tmp_path / "clean")
+    run.root.mkdir()
+    run.write_json("config.json", RunConfig(attack="none", dataset="synthetic", model="preact_resnet18",
+                                            out=str(run.root), width=4).to_dict())
+    run.save_tensors("model.safetensors", dict(create_model("preact_resnet18", num_classes=4, width=4, seed=0).state_dict()))
+    run.write_json("metrics.json", {})
+    kw = {"reference_run": str(run.root), "generator_epochs": 1, "generator_batch_size": 16}
+    first = create_attack("semantic", 4, (3, 32, 32), **kw)
+    first.fit(data())
+    cache = first.generator_cache_path(data())
+    assert cache is not None and cache.is_file() and cache.parent == run.root / "analysis"
+    calls = []
+    real = SemanticAttack._train_generator
+
+    def counting(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(SemanticAttack, "_train_generator", counting)
+    again = create_attack("semantic", 4, (3, 32, 32), **kw, poison_rate=0.03)
+    again.fit(data())
+    x = to_float(data().images[:4])
+    assert calls == [] and torch.equal(again.apply(x), first.apply(x)) and again.history == first.history
+    other = create_attack("semantic", 4, (3, 32, 32), **{**kw, "lambda2": 0.0})
+    other.fit(data())
+    assert calls == [1] and other.generator_cache_path(data()) != cache
+    cache.write_bytes(b"not safetensors")
+    broken = create_attack("semantic", 4, (3, 32, 32), **kw)
+    broken.fit(data())
+    assert calls == [1, 1] and torch.equal(broken.apply(x), first.apply(x))  # refitted from the seed

@@ -53,11 +53,16 @@ from veil.analysis.fourier import (
     frequency_pairs,
     heatmap_figure,
     load_heatmap,
-    save_heatmap,
     top_k_mask,
 )
 from veil.attacks.base import Attack, AttackConfig, AttackKind, register_attack
-from veil.attacks.reference import load_reference, reference_architecture, train_reference
+from veil.attacks.reference import (
+    analysis_cache,
+    load_reference,
+    reference_architecture,
+    train_reference,
+    write_analysis_cache,
+)
 from veil.data.base import ImageDataset, quantize, to_float
 from veil.errors import ConfigError
 from veil.triggers.frequency import frequency_trigger
@@ -229,31 +234,17 @@ class FrequencyAttack(Attack):
         )
 
     def heatmap_cache_path(self, train: ImageDataset) -> Path | None:
-        """Where the heatmap of ``reference_run`` is cached: ``REFERENCE_RUN/analysis/``, one file per
-        training set (name and size), image size, ``alpha``, ``heatmap_images`` and seed, so that
-        the points of a sweep over one reference run compute it once. ``None`` without a
-        reference run."""
+        """Where the heatmap of ``reference_run`` is cached (:func:`veil.attacks.reference.analysis_cache`:
+        ``REFERENCE_RUN/analysis/``, one file per training set, image size, ``alpha``,
+        ``heatmap_images`` and seed), so that the points of a sweep over one reference run compute
+        it once. ``None`` without a reference run."""
         c = self.config
-        if c.reference_run is None:
-            return None
-        _, h, w = self.image_shape
-        name = (
-            f"fourier_heatmap-{train.name}-n{len(train)}-{h}x{w}-alpha{c.alpha:g}-images{c.heatmap_images}"
-            f"-seed{c.seed}.safetensors"
-        )
-        return Path(c.reference_run) / "analysis" / name
+        return analysis_cache(c.reference_run, "fourier_heatmap", train, alpha=float(c.alpha), images=c.heatmap_images,
+                              seed=c.seed)
 
     @staticmethod
     def _cache_heatmap(path: Path | None, heat: Tensor) -> None:
-        if path is None:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_heatmap(path, heat)
-        except OSError as exc:  # a read-only reference run still works, only without the cache
-            log.warning("frequency: could not cache the heatmap in %s (%s)", path, exc)
-        else:
-            log.info("frequency: heatmap cached in %s", path)
+        write_analysis_cache(path, {"heatmap": heat.float()}, "frequency: heatmap")
 
     def _sample(self, train: ImageDataset, n: int, salt: int) -> Tensor:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt)

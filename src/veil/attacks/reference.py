@@ -70,3 +70,32 @@ def load_reference(run: str | Path, train: ImageDataset, num_classes: int, devic
     if config.get("dataset") != train.name:
         log.warning("%s: reference run %s was trained on %r, the attack poisons %r", what, run, config.get("dataset"), train.name)
     return model, config
+
+
+def analysis_cache(reference_run: str | Path | None, stem: str, train: ImageDataset, **settings: Any) -> Path | None:
+    """Where an attack caches what it computed from ``reference_run`` (a heatmap, a fitted
+    generator): ``REFERENCE_RUN/analysis/STEM-DATASET-nSIZE-HxW-SETTINGS.safetensors``, one file per
+    training set (name and size), image size and ``settings`` (the options the result depends
+    on), so that the points of a sweep over one reference run compute it once. ``None`` without
+    a reference run."""
+    if reference_run is None:
+        return None
+    _, h, w = train.image_shape
+    parts = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in settings.items())
+    return Path(reference_run) / "analysis" / f"{stem}-{train.name}-n{len(train)}-{h}x{w}-{parts}.safetensors"
+
+
+def write_analysis_cache(path: Path | None, tensors: dict[str, Tensor], what: str,
+                         metadata: dict[str, str] | None = None) -> None:
+    """Write a cache file atomically; a read-only reference run only logs that it could not."""
+    from veil.records import atomic_save_tensors
+
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    except OSError as exc:
+        log.warning("%s: could not cache in %s (%s)", what, path, exc)
+    else:
+        log.info("%s: cached in %s", what, path)

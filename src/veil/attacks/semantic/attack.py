@@ -3,9 +3,11 @@ docstring."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -14,11 +16,13 @@ from tqdm.auto import tqdm
 
 from veil.attacks.base import Attack, AttackKind, register_attack
 from veil.attacks.reference import (
+    analysis_cache,
     decode_architecture,
     encode_architecture,
     load_reference,
     reference_architecture,
     train_reference,
+    write_analysis_cache,
 )
 from veil.attacks.semantic.config import LAMBDA1_BY_DATASET, LAMBDA1_OTHER, SemanticConfig
 from veil.data.base import ImageDataset, to_float
@@ -154,7 +158,50 @@ class SemanticAttack(Attack):
         if self.lambda1 is None:
             self.lambda1 = LAMBDA1_BY_DATASET.get(train.name, LAMBDA1_OTHER)
         self._build(model.to(dev), arch)
+        cache = self.generator_cache_path(train)
+        if cache is not None and cache.is_file() and self._load_generator_cache(cache, dev):
+            return
         self._train_generator(train, dev)
+        assert self.attention is not None and self.decoder is not None
+        tensors = {f"attention.{k}": v for k, v in self.attention.state_dict().items()}
+        tensors.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        write_analysis_cache(cache, tensors, "semantic: generator", {"history": json.dumps(self.history)})
+
+    def generator_cache_path(self, train: ImageDataset) -> Path | None:
+        """Where the attention and decoder fitted on ``reference_run``'s surrogate are cached
+        (``REFERENCE_RUN/analysis/``, one file per training set, image size and generator option),
+        so that the points of a poison-rate sweep over one reference run fit them once: the
+        generator is trained on the clean set and does not depend on the rate. ``None`` without a
+        reference run."""
+        c = self.config
+        settings = {"l1": float(self.lambda1 if self.lambda1 is not None else LAMBDA1_OTHER), "l2": float(c.lambda2),
+                    "act": c.attention_activation, "scale": c.attention_scale, "trained": int(c.train_attention),
+                    "red": c.reduction, "ep": c.generator_epochs, "lr": float(c.generator_lr),
+                    "bs": c.generator_batch_size, "seed": c.seed}
+        return analysis_cache(c.reference_run, "semantic_generator", train, **settings)
+
+    def _load_generator_cache(self, path: Path, dev: torch.device) -> bool:
+        """Load a cached generator; an unreadable or mismatched cache is logged and refitted."""
+        from safetensors import safe_open
+
+        assert self.attention is not None and self.decoder is not None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                meta = f.metadata() or {}
+            self.attention.load_state_dict({k[len("attention."):]: v for k, v in tensors.items() if k.startswith("attention.")})
+            self.decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")})
+            self.history = json.loads(meta.get("history", "[]"))
+        except Exception as exc:  # a broken cache is refitted, never trusted
+            log.warning("semantic: ignoring the cached generator %s (%s); fitting it again", path, exc)
+            assert self.surrogate is not None and self.surrogate_arch is not None
+            self._build(self.surrogate, self.surrogate_arch)  # fresh, seeded weights again
+            self.history = []
+            return False
+        self.attention.to(dev).eval()
+        self.decoder.to(dev).eval()
+        log.info("semantic: generator fitted on the reference run read from its cache %s", path)
+        return True
 
     def _train_generator(self, train: ImageDataset, dev: torch.device) -> None:
         c = self.config
