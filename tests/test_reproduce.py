@@ -97,7 +97,7 @@ def test_a_reproduction_trains_its_steps_in_order_and_fills_the_table(tiny, caps
     assert rows["20"][0] == "70.00" and rows["20"][1] != "–" and rows["40"][3] != "–"
     assert rows["80"][:4] == ["–"] * 4 and rows["80"][5] != "–"  # the reference's CDA in the Other column
     assert 0.0 <= float(rows["20"][3]) <= 100.0
-    for name in ("table-1.md", "table-1.json", "report.html"):
+    for name in ("table-1.md", "table-1.json", "report-1.html"):
         assert (tiny / name).is_file()
     assert "A tiny paper" not in (tiny / "table-1.md").read_text() and "tiny, Table 1" in (tiny / "table-1.md").read_text()
     # a second call reads the finished runs back
@@ -122,3 +122,47 @@ def test_a_step_may_read_a_sub_folder_of_the_data_root(tmp_path, monkeypatch):
         (tmp_path / "adaptive.yaml").write_text(text.replace("data: cifar10-subset", f"data: {bad}"), encoding="utf-8")
         with pytest.raises(ConfigError, match="must be a sub-folder of the data root"):
             load_paper("adaptive")
+
+
+def test_the_tables_of_a_paper_share_their_runs_and_cells_name_known_rows(tmp_path, monkeypatch):
+    import veil.reproduce as reproduce_mod
+
+    # semantic's Tables II and III and Figure 4 read the same runs: one folder, steps planned alike
+    outs = {}
+    for table in ("2", "3", "fig4"):
+        _, _, steps = plan("semantic", table, "cpu", "data", tmp_path / "semantic-cpu")
+        outs[table] = {s.name: s.out for s in steps}
+    assert outs["2"]["semantic"] == outs["3"]["semantic"] == outs["fig4"]["semantic"]
+    text = (reproduce_mod.PAPERS_DIR / "semantic.yaml").read_text(encoding="utf-8")
+    monkeypatch.setattr(reproduce_mod, "PAPERS_DIR", tmp_path)
+    for old, new, message in [
+        ("{step: clean, row: Clean, column: GTSRB}", "{step: clean, row: Clen, column: GTSRB}", "unknown row 'Clen'"),
+        ("{step: baselines, point: 0, row: BadNets, column: GTSRB}", "{step: baselines, point: 0, row: BadNets, column: GTSRB10}",
+         "unknown column 'GTSRB10'"),
+        ("{name: rates, recipe: semantic/gtsrb32-cpu-rates, reference_run: clean}\n",
+         "{name: rates, recipe: semantic/gtsrb32-cpu-rates, reference_run: clean}\n          - {name: semantic2, recipe: semantic/gtsrb32-cpu}\n",
+         None),
+        ("- {name: semantic, recipe: semantic/gtsrb32-cpu, reference_run: clean}\n          - {name: rates",
+         "- {name: semantic, recipe: semantic/gtsrb32-cpu-control, reference_run: clean}\n          - {name: rates",
+         "step 'semantic' differs from the step of that name in another table"),
+    ]:
+        assert old in text
+        (tmp_path / "semantic.yaml").write_text(text.replace(old, new, 1), encoding="utf-8")
+        if message is None:
+            load_paper("semantic")
+        else:
+            with pytest.raises(ConfigError, match=message):
+                load_paper("semantic")
+
+
+def test_the_default_folder_is_one_per_paper_and_scale(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli_dry(capsys)
+    assert code == 0 and f"in {tmp_path / 'runs' / 'reproduce' / 'semantic-cpu'}" in out
+    assert (tmp_path / "runs" / "reproduce" / "semantic-cpu" / "table-3.md").is_file()
+
+
+def run_cli_dry(capsys):
+    code = main(["reproduce", "semantic", "--table", "3", "--scale", "cpu", "--data-root", "data", "--dry-run"])
+    out, err = capsys.readouterr()
+    return code, out, err

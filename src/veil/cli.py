@@ -173,7 +173,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             tables = ", ".join(f"{k} ({'/'.join(t['scales'])})" for k, t in spec["tables"].items())
             print(f"{name}: {spec['title']}\n    tables: {tables}")
         return 0
-    out = args.out or f"runs/reproduce/{args.paper}-table{args.table or 'first'}-{args.scale}"
+    out = args.out or f"runs/reproduce/{args.paper}-{args.scale}"  # a paper's tables share their runs
     key, _, steps = plan(args.paper, args.table, args.scale, args.data_root, out, args.device)
     if args.dry_run:
         print(f"{args.paper}, table {key}, {args.scale} scale, in {Path(out).resolve()}:")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="cpu", choices=["cpu", "paper"],
                    help="cpu: the recipes measured on 2 cores (default); paper: the paper's budget, for a GPU")
     p.add_argument("--data-root", default=None, help="dataset folder the recipes need (e.g. the folder holding gtsrb/)")
-    p.add_argument("--out", default=None, help="folder for the runs and the table (default runs/reproduce/...)")
+    p.add_argument("--out", default=None, help="folder for the runs and the tables (default runs/reproduce/PAPER-SCALE: a paper's tables share their runs)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (overrides the recipes)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; tabulate those; train nothing")
     p.set_defaults(func=cmd_reproduce)

@@ -29,7 +29,7 @@ steps that produce veil's figures and the cells they fill::
 dataset folders, e.g. ``cifar10-subset`` beside ``gtsrb``, takes the folder holding both as
 ``--data-root``). ``reference_run: STEP`` passes that step's run folder to a run step, or to every point of a sweep
 step, as the attack's ``reference_run``. :func:`reproduce` runs the steps (finished runs are read back, not
-retrained) and writes ``OUT/table-T.md``, ``OUT/table-T.json`` and ``OUT/report.html``.
+retrained) and writes ``OUT/table-T.md``, ``OUT/table-T.json`` and ``OUT/report-T.html``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def load_paper(name: str) -> dict[str, Any]:
     for key in ("paper", "title", "tables"):
         if key not in spec:
             raise ConfigError(f"paper file {path} has no {key!r}")
+    steps_seen: dict[tuple[str, str], dict[str, Any]] = {}
     for t, table in spec["tables"].items():
         where = f"paper {name}, table {t}"
         n_cols, n_metrics = len(table["columns"]), len(table["metrics"])
@@ -82,6 +83,11 @@ def load_paper(name: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: unknown scale {scale!r}; scales: {', '.join(SCALES)}")
             names = [s["name"] for s in plan_["steps"]]
             for s in plan_["steps"]:
+                same = {k: s.get(k) for k in ("recipe", "reference_run", "data")}
+                if steps_seen.setdefault((scale, s["name"]), same) != same:
+                    raise ConfigError(f"{where}, scale {scale}: step {s['name']!r} differs from the step of that name in "
+                                      "another table (the tables of a paper share their runs)")
+            for s in plan_["steps"]:
                 sub = s.get("data")
                 if sub is not None and (not isinstance(sub, str) or not sub or Path(sub).is_absolute() or ".." in Path(sub).parts):
                     raise ConfigError(f"{where}, scale {scale}: step {s['name']!r} has data {sub!r}; it must be a "
@@ -89,6 +95,10 @@ def load_paper(name: str) -> dict[str, Any]:
             for cell in plan_["cells"]:
                 if cell["step"] not in names:
                     raise ConfigError(f"{where}, scale {scale}: a cell names the unknown step {cell['step']!r}")
+                if "row" in cell and str(cell["row"]) not in [str(r) for r in table["rows"]]:
+                    raise ConfigError(f"{where}, scale {scale}: a cell names the unknown row {cell['row']!r}")
+                if "column" in cell and cell["column"] not in table["columns"]:
+                    raise ConfigError(f"{where}, scale {scale}: a cell names the unknown column {cell['column']!r}")
     return spec
 
 
@@ -267,7 +277,7 @@ def reproduce(paper: str, table: str | None = None, scale: str = "cpu", data_roo
     if finished:
         from veil.report.html import write_report
 
-        write_report(finished, root / "report.html", title=result_table["title"], tables=[result_table])
+        write_report(finished, root / f"report-{key}.html", title=result_table["title"], tables=[result_table])
     if failed:
         raise ConfigError(f"{len(failed)} run(s) failed (the table at {root / f'table-{key}.md'} has the rest): "
                           + "; ".join(failed))
