@@ -359,3 +359,33 @@ def test_lpips_env_and_hub_cache(no_default_weights: Path, monkeypatch: pytest.M
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     y = x.flip(-1)
     torch.testing.assert_close(lpips_distance(model, x, y), lpips_distance(lpips_model, x, y))
+
+
+def test_lpips_vgg_loads_a_users_vgg16_backbone_and_reads_it_in_the_right_slices(tmp_path, monkeypatch) -> None:
+    """net="vgg": the backbone file's features[i] land in the slices lpips reads (checked against
+    torchvision's VGG-16 features with the same weights); a missing file names what it looked for;
+    an AlexNet file is not a VGG-16 backbone."""
+    import torchvision
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="vgg16_imagenet_features.pth"):
+        load_lpips(tmp_path, net="vgg")
+    assert not lpips_available(tmp_path, net="vgg")
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16().features.eval()
+    torch.save(features.state_dict(), tmp_path / "vgg16_imagenet_features.pth")
+    model = load_lpips(tmp_path, net="vgg")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.net.slice1(model.scaling_layer(x * 2 - 1))
+        theirs = features[:4](model.scaling_layer(x * 2 - 1))
+    torch.testing.assert_close(ours, theirs)
+    y = (x + 0.1).clamp(0, 1)
+    d = lpips_distance(model, x, y)
+    assert d.shape == (2,) and (d > 0).all() and lpips_distance(model, x, x).abs().max().item() < 1e-6
+    torch.save(torchvision.models.alexnet().features.state_dict(), tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="not a VGG-16 features state dict"):
+        load_lpips(tmp_path / "wrong.pth", net="vgg")
+    with pytest.raises(ValueError, match="unknown LPIPS network 'squeeze'"):
+        load_lpips(tmp_path, net="squeeze")

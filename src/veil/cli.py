@@ -21,6 +21,7 @@ from typing import Any
 
 from veil.errors import VeilError
 from veil.experiment import seed_everything
+from veil.metrics.lpips import LPIPS_NETS
 from veil.options import Flag, add_dataclass_arguments, parse_option
 from veil.train import SCHEDULES
 
@@ -46,6 +47,7 @@ _RUN_FLAGS = {
     "schedule": Flag(choices=SCHEDULES),
     "optimizer": Flag(choices=("sgd", "adam")),
     "mode": Flag(choices=("all2one", "all2all")),
+    "lpips_net": Flag(choices=LPIPS_NETS),
     "attack_options": Flag(name="attack-opt", action="append", type=_attack_option, metavar="NAME=VALUE",
                            help="attack-specific option, repeatable (e.g. --attack-opt patch_size=6; veil list shows each attack's)"),
     "eval_every": Flag(metavar="N"),

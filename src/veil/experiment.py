@@ -42,7 +42,7 @@ from veil.train import Trainer, predict, resolve_device
 log = logging.getLogger(__name__)
 
 #: config keys that may differ between an interrupted run and its resumption
-_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "cache_dir", "data_root", "download", "recipe", "sources"}
+_RESUME_IGNORED = {"out", "overwrite", "device", "progress", "lpips_weights", "lpips_net", "cache_dir", "data_root", "download", "recipe", "sources"}
 
 
 def seed_everything(seed: int) -> None:
@@ -220,7 +220,7 @@ def _lpips_model(config: RunConfig, device: torch.device) -> tuple[torch.nn.Modu
     from veil.metrics.lpips import load_lpips
 
     try:
-        return load_lpips(config.lpips_weights, device=device, download=config.download), None
+        return load_lpips(config.lpips_weights, device=device, download=config.download, net=config.lpips_net), None
     except (FileNotFoundError, OSError) as exc:  # OSError: a failed download
         log.warning("LPIPS not computed: %s", exc)
         return None, str(exc)
@@ -354,6 +354,7 @@ def _run(config: RunConfig, record: rec.RunRecord, device: torch.device, init: A
     poison_x = attack.apply_quantized(clean_x, test.labels[rows]).cpu()
     lpips_model, lpips_note = _lpips_model(config, torch.device("cpu"))
     stealth = stealth_metrics(clean_x, poison_x, lpips_model=lpips_model)
+    stealth["lpips_net"] = config.lpips_net if lpips_model is not None else None
     attack_metrics = attack.evaluate(model, test)
     _write_attack_outputs(record, attack)
     eval_seconds = time.perf_counter() - t0

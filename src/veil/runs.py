@@ -70,6 +70,11 @@ class RunConfig:
         download: download the dataset and the LPIPS backbone if missing (needs a network).
         cache_dir: decoded-dataset cache (``None``: ``$VEIL_CACHE`` or ``~/.cache/veil``).
         lpips_weights: folder holding ``alexnet_imagenet_features.pth`` (``None``: ``$VEIL_WEIGHTS``).
+        lpips_net: the LPIPS network of the stealth metrics: ``alex`` (veil's default, the LPIPS
+            authors' recommendation) or ``vgg`` (VGG-16 features, as the semantic-feature paper
+            reports; its backbone ``vgg16_imagenet_features.pth`` in the weights folder, or
+            torchvision's file in the torch hub cache). The record names it
+            (``stealth.lpips_net``).
         init_from: a finished run whose classifier and attack weights (trigger generator) this
             run starts from instead of a fresh initialisation, to train a finished run further
             (optimiser state and schedule start afresh). Its attack, dataset, model, width and
@@ -121,6 +126,7 @@ class RunConfig:
     download: bool = False
     cache_dir: str | None = None
     lpips_weights: str | None = None
+    lpips_net: str = "alex"
     init_from: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -155,6 +161,10 @@ class RunConfig:
             raise ConfigError(f"eval_every must be 0 or more epochs, got {self.eval_every}")
         if not (self.eval_images in ("auto", "all") or (isinstance(self.eval_images, int) and self.eval_images > 0)):
             raise ConfigError(f"eval_images must be 'auto', 'all' or a positive number of test images, got {self.eval_images!r}")
+        from veil.metrics.lpips import LPIPS_NETS
+
+        if self.lpips_net not in LPIPS_NETS:
+            raise ConfigError(f"unknown LPIPS network {self.lpips_net!r}; known: {', '.join(LPIPS_NETS)}")
         if self.augment:
             from veil.augment import parse_augment
 

@@ -1,18 +1,24 @@
 """LPIPS perceptual distance (Zhang et al., "The Unreasonable Effectiveness of Deep Features as a
-Perceptual Metric", CVPR 2018), network ``alex``, version 0.1, loaded without a network connection.
+Perceptual Metric", CVPR 2018), version 0.1, network ``alex`` (veil's default) or ``vgg`` (the
+semantic-feature paper's), loaded without a network connection.
 
 The metric comes from the ``lpips`` package on PyPI. Its linear calibration layers (``alex.pth``,
-v0.1) ship inside that package; its AlexNet backbone (ImageNet weights) normally downloads through
-torchvision. :func:`load_lpips` never downloads: it builds the model with random weights and loads
-both parts from files with ``torch.load(..., weights_only=True)`` (no arbitrary unpickling).
+``vgg.pth``, v0.1) ship inside that package; the backbones (ImageNet weights) normally download
+through torchvision. :func:`load_lpips` never downloads: it builds the model with random weights
+and loads both parts from files with ``torch.load(..., weights_only=True)`` (no arbitrary
+unpickling).
 
 The backbone is looked for, in order, in
 
 1. the ``weights_dir`` argument: a folder holding ``alexnet_imagenet_features.pth`` (the state dict of
-   ``torchvision.models.alexnet().features``), or that file itself;
-2. the folder named by the environment variable ``VEIL_WEIGHTS`` (same file name);
-3. torchvision's cache, ``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth`` (the full
-   torchvision AlexNet state dict, as a past ``alexnet(weights="IMAGENET1K_V1")`` left it).
+   ``torchvision.models.alexnet().features``; for ``vgg``, ``vgg16_imagenet_features.pth``, that of
+   ``torchvision.models.vgg16().features``), or that file itself;
+2. the folder named by the environment variable ``VEIL_WEIGHTS`` (same file names);
+3. torchvision's cache, ``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth`` (or
+   ``vgg16-397923af.pth``: the full torchvision state dict, as a past
+   ``alexnet(weights="IMAGENET1K_V1")`` or ``vgg16(...)`` left it).
+
+``../shared/weights`` (the project's offline weights) holds the AlexNet backbone only.
 
 Example:
     >>> model = load_lpips("path/to/weights")          # doctest: +SKIP
@@ -35,6 +41,8 @@ from veil.metrics.image import _pair
 
 __all__ = [
     "BACKBONE_FILE",
+    "BACKBONE_FILES",
+    "LPIPS_NETS",
     "TORCHVISION_FILE",
     "WEIGHTS_ENV",
     "find_lpips_backbone",
@@ -49,39 +57,51 @@ BACKBONE_FILE = "alexnet_imagenet_features.pth"
 """File name of the AlexNet ``features`` state dict looked for in a weights folder."""
 TORCHVISION_FILE = "alexnet-owt-7be5be79.pth"
 """File name of torchvision's ImageNet AlexNet checkpoint in the torch hub cache."""
+#: the networks veil can load: net -> (backbone file in a weights folder, torchvision hub file)
+BACKBONE_FILES = {"alex": (BACKBONE_FILE, TORCHVISION_FILE), "vgg": ("vgg16_imagenet_features.pth", "vgg16-397923af.pth")}
+LPIPS_NETS = tuple(BACKBONE_FILES)
 WEIGHTS_ENV = "VEIL_WEIGHTS"
 """Environment variable naming a folder that holds :data:`BACKBONE_FILE`."""
 
 _MIN_SIDE_ALEX = 31  # smallest image side AlexNet's five LPIPS stages accept
 
 
-def _candidates(weights_dir: str | Path | None) -> list[Path]:
+def _check_net(net: str) -> tuple[str, str]:
+    if net not in BACKBONE_FILES:
+        raise ValueError(f"unknown LPIPS network {net!r}; known: {', '.join(LPIPS_NETS)}")
+    return BACKBONE_FILES[net]
+
+
+def _candidates(weights_dir: str | Path | None, net: str = "alex") -> list[Path]:
     """Backbone files to try, in search order."""
+    folder_file, hub_file = _check_net(net)
     paths: list[Path] = []
     for folder in (weights_dir, os.environ.get(WEIGHTS_ENV) or None):
         if folder is None:
             continue
         p = Path(folder).expanduser()
-        paths.append(p if p.is_file() else p / BACKBONE_FILE)
-    paths.append(Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILE)
+        paths.append(p if p.is_file() else p / folder_file)
+    paths.append(Path(torch.hub.get_dir()) / "checkpoints" / hub_file)
     return paths
 
 
-def find_lpips_backbone(weights_dir: str | Path | None = None) -> Path | None:
-    """The first existing AlexNet backbone file in the search order, or ``None``.
+def find_lpips_backbone(weights_dir: str | Path | None = None, net: str = "alex") -> Path | None:
+    """The first existing backbone file of ``net`` in the search order, or ``None``.
 
     Args:
-        weights_dir: a folder holding ``alexnet_imagenet_features.pth``, or that file; optional.
+        weights_dir: a folder holding the backbone file (``alexnet_imagenet_features.pth``,
+            ``vgg16_imagenet_features.pth``), or that file; optional.
+        net: ``"alex"`` or ``"vgg"``.
     """
-    for path in _candidates(weights_dir):
+    for path in _candidates(weights_dir, net):
         if path.is_file():
             return path
     return None
 
 
-def lpips_available(weights_dir: str | Path | None = None) -> bool:
-    """Whether :func:`load_lpips` can find an AlexNet backbone (the file is not read)."""
-    return find_lpips_backbone(weights_dir) is not None
+def lpips_available(weights_dir: str | Path | None = None, net: str = "alex") -> bool:
+    """Whether :func:`load_lpips` can find a backbone of ``net`` (the file is not read)."""
+    return find_lpips_backbone(weights_dir, net) is not None
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -95,16 +115,16 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _lpips_linear_file() -> Path:
+def _lpips_linear_file(net: str = "alex") -> Path:
     import lpips
 
-    return Path(lpips.__file__).resolve().parent / "weights" / "v0.1" / "alex.pth"
+    return Path(lpips.__file__).resolve().parent / "weights" / "v0.1" / f"{net}.pth"
 
 
 def _build_state(model: torch.nn.Module, backbone: dict[str, Tensor], backbone_path: Path,
-                 linear: dict[str, Tensor], linear_path: Path) -> dict[str, Tensor]:
+                 linear: dict[str, Tensor], linear_path: Path, net: str = "alex") -> dict[str, Tensor]:
     """The LPIPS model's full state dict with the backbone and linear layers filled in."""
-    if any(k.startswith("features.") for k in backbone):  # a full torchvision AlexNet checkpoint
+    if any(k.startswith("features.") for k in backbone):  # a full torchvision checkpoint
         backbone = {k[len("features."):]: v for k, v in backbone.items() if k.startswith("features.")}
     state = dict(model.state_dict())
     problems: list[str] = []
@@ -117,15 +137,15 @@ def _build_state(model: torch.nn.Module, backbone: dict[str, Tensor], backbone_p
         else:
             state[dst] = table[src]
 
-    # lpips.pretrained_networks.alexnet copies torchvision's features[i] into net.slice<k> under the
-    # name str(i), so net.slice<k>.<i>.weight comes from features key <i>.weight.
+    # lpips.pretrained_networks.alexnet (and .vgg16) copy torchvision's features[i] into
+    # net.slice<k> under the name str(i), so net.slice<k>.<i>.weight comes from features key <i>.weight.
     n_backbone = 0
     for name in state:
         if name.startswith("net.slice"):
             put(name, name.split(".", 2)[2], backbone)
             n_backbone += 1
     if problems or n_backbone == 0:
-        raise CheckpointError(f"weights file {backbone_path} is not an AlexNet features state dict: "
+        raise CheckpointError(f"weights file {backbone_path} is not {'an AlexNet' if net == 'alex' else 'a VGG-16'} features state dict: "
                               + "; ".join(problems[:4]))
     for name in state:
         if name.startswith("lins."):  # lins.<k>.* is the same module as lin<k>.*
@@ -134,30 +154,36 @@ def _build_state(model: torch.nn.Module, backbone: dict[str, Tensor], backbone_p
         elif name.startswith("lin"):
             put(name, name, linear)
     if problems:
-        raise CheckpointError(f"weights file {linear_path} is not an LPIPS alex v0.1 file: " + "; ".join(problems[:4]))
+        raise CheckpointError(f"weights file {linear_path} is not an LPIPS {net} v0.1 file: " + "; ".join(problems[:4]))
     return state
 
 
-def download_backbone() -> Path:
-    """Fetch torchvision's ImageNet AlexNet into the torch hub cache (needs a network) and return
-    the file, which :func:`find_lpips_backbone` then finds."""
-    from torchvision.models import AlexNet_Weights
+def download_backbone(net: str = "alex") -> Path:
+    """Fetch torchvision's ImageNet AlexNet (or VGG-16) into the torch hub cache (needs a network)
+    and return the file, which :func:`find_lpips_backbone` then finds."""
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
 
-    AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILE
+    _, hub_file = _check_net(net)
+    weights = AlexNet_Weights.IMAGENET1K_V1 if net == "alex" else VGG16_Weights.IMAGENET1K_V1
+    weights.get_state_dict(progress=True, check_hash=True)
+    return Path(torch.hub.get_dir()) / "checkpoints" / hub_file
 
 
 def load_lpips(
-    weights_dir: str | Path | None = None, device: str | torch.device = "cpu", download: bool = False
+    weights_dir: str | Path | None = None, device: str | torch.device = "cpu", download: bool = False,
+    net: str = "alex",
 ) -> torch.nn.Module:
-    """LPIPS (alex, v0.1) with published weights, built offline, in eval mode with frozen parameters.
+    """LPIPS (v0.1, ``net``) with published weights, built offline, in eval mode with frozen parameters.
 
     Args:
-        weights_dir: a folder holding ``alexnet_imagenet_features.pth`` (or that file). When it is
-            ``None`` or lacks the file, ``$VEIL_WEIGHTS`` and then the torch hub cache are tried
-            (see the module docstring).
+        weights_dir: a folder holding the backbone file (``alexnet_imagenet_features.pth``, or
+            ``vgg16_imagenet_features.pth`` for ``vgg``), or that file. When it is ``None`` or
+            lacks the file, ``$VEIL_WEIGHTS`` and then the torch hub cache are tried (see the
+            module docstring).
         device: where to put the model.
         download: when no backbone is found, fetch torchvision's into the torch hub cache first.
+        net: ``"alex"`` (veil's default; the LPIPS authors' recommended metric) or ``"vgg"``
+            (VGG-16 features, as the semantic-feature paper reports).
 
     Returns:
         an ``lpips.LPIPS`` module; call it as ``model(x, y, normalize=True)`` on ``[0, 1]`` images
@@ -167,21 +193,23 @@ def load_lpips(
         FileNotFoundError: no backbone file was found; the message lists the places searched.
         CheckpointError: a weights file is truncated, corrupted, or holds the wrong tensors.
     """
-    path = find_lpips_backbone(weights_dir)
+    folder_file, _ = _check_net(net)
+    what = {"alex": "AlexNet", "vgg": "VGG-16"}[net]
+    path = find_lpips_backbone(weights_dir, net)
     if path is None and download:
-        download_backbone()
-        path = find_lpips_backbone(weights_dir)
+        download_backbone(net)
+        path = find_lpips_backbone(weights_dir, net)
     if path is None:
-        searched = "\n  ".join(str(p) for p in _candidates(weights_dir))
+        searched = "\n  ".join(str(p) for p in _candidates(weights_dir, net))
         raise FileNotFoundError(
-            "LPIPS needs the ImageNet AlexNet backbone and none was found. Looked for:\n  "
-            f"{searched}\nPass the folder holding {BACKBONE_FILE} (the LPIPS AlexNet backbone) as "
+            f"LPIPS ({net}) needs the ImageNet {what} backbone and none was found. Looked for:\n  "
+            f"{searched}\nPass the folder holding {folder_file} (the LPIPS {what} backbone) as "
             f"weights_dir, or set the environment variable {WEIGHTS_ENV} to that folder."
         )
-    if weights_dir is not None and path != _candidates(weights_dir)[0]:
+    if weights_dir is not None and path != _candidates(weights_dir, net)[0]:
         logger.warning("no LPIPS backbone in %s; using %s instead", weights_dir, path)
     backbone = _read_state_dict(path)
-    linear_path = _lpips_linear_file()
+    linear_path = _lpips_linear_file(net)
     if not linear_path.is_file():
         raise CheckpointError(f"the lpips package lacks its linear weights {linear_path}; reinstall lpips")
     linear = _read_state_dict(linear_path)
@@ -190,11 +218,11 @@ def load_lpips(
 
     with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" warnings from lpips
         warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False)
-    model.load_state_dict(_build_state(model, backbone, path, linear, linear_path), strict=True)
+        model = lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=True, verbose=False)
+    model.load_state_dict(_build_state(model, backbone, path, linear, linear_path, net), strict=True)
     for param in model.parameters():
         param.requires_grad_(False)
-    logger.debug("LPIPS alex v0.1 loaded: backbone %s, linear layers %s", path, linear_path)
+    logger.debug("LPIPS %s v0.1 loaded: backbone %s, linear layers %s", net, path, linear_path)
     return model.eval().to(device)
 
 
