@@ -19,6 +19,7 @@ EXPECTED = {
     "densenet121",
     "wrn34_10",
     "vit_small",
+    "ran",
 }
 NUM_CLASSES = 5
 

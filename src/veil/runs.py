@@ -247,7 +247,9 @@ def resolve_config(given: dict[str, Any], recipe: dict[str, Any] | None = None, 
     attack = given.get("attack", recipe.get("attack"))
     if attack is None:
         raise ConfigError("no attack given")
-    paper = dict(ATTACKS.get(attack).paper_training)
+    cls = ATTACKS.get(attack)
+    dataset = given.get("dataset", recipe.get("dataset"))
+    paper = {**cls.paper_training, **cls.paper_training_by_dataset.get(str(dataset), {})}
     settings: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in dataclasses.fields(RunConfig):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from veil.attacks import badnets, blend, fiba, none, sig, wanet  # noqa: F401  (register)
 from veil.attacks import frequency  # noqa: F401  (register)
-from veil.attacks import adaptive, multinomial, semantic  # noqa: F401  (register)
+from veil.attacks import adaptive, atteq, multinomial, semantic  # noqa: F401  (register)
 from veil.attacks.base import ATTACKS, Attack, AttackConfig, create_attack, list_attacks, register_attack
 
 __all__ = ["ATTACKS", "Attack", "AttackConfig", "create_attack", "list_attacks", "register_attack"]

@@ -100,6 +100,9 @@ class Attack:
     #: and sweeps use them for every setting the user (or a recipe) leaves unset, and record each
     #: setting's source; empty where the paper gives none (veil's defaults then apply)
     paper_training: ClassVar[dict[str, Any]] = {}
+    #: run settings the paper gives per dataset (``{dataset: {setting: value}}``), over
+    #: :attr:`paper_training` for that dataset (ATTEQ's target and poisoning ratio, section 5.1)
+    paper_training_by_dataset: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -23,6 +23,7 @@ vgg16, vgg19        Simonyan & Zisserman, ICLR 2015 (+BatchNorm)   first stage (
 densenet121         Huang et al., CVPR 2017 (DenseNet-BC)          growth rate k (32)
 wrn34_10            Zagoruyko & Komodakis, BMVC 2016               stem; stages 16k.. (16)
 vit_small           Dosovitskiy et al., ICLR 2021 (patch 4)        embedding dim (192)
+ran                 Wang et al., CVPR 2017 (Residual Attention)    first stage (16)
 ==================  =============================================  ======================
 """
 
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from veil.errors import ConfigError
-from veil.models import densenet, preact_resnet, resnet, vgg, vit, wrn  # noqa: F401  (registers)
+from veil.models import densenet, preact_resnet, ran, resnet, vgg, vit, wrn  # noqa: F401  (registers)
 from veil.models.base import DEFAULT_MEAN, DEFAULT_STD, MODELS, Classifier, register_model
 
 log = logging.getLogger(__name__)
