@@ -99,3 +99,26 @@ def write_analysis_cache(path: Path | None, tensors: dict[str, Tensor], what: st
         log.warning("%s: could not cache in %s (%s)", what, path, exc)
     else:
         log.info("%s: cached in %s", what, path)
+
+
+def benign_reference(config: Any, train: ImageDataset, num_classes: int, device: torch.device | str,
+                     victim: dict[str, Any] | None, what: str, why: str) -> tuple[nn.Module, tuple[str, int | None]]:
+    """The benign model an attack that starts the victim from it needs (the adaptive attack's
+    ``theta_c``, ATTEQ's ``F_V``): ``config.reference_run``'s, else one trained on ``train``
+    (``config.reference_model`` / ``reference_width`` / ``reference_epochs``, of the victim's
+    architecture by default); ``(model, (name, width))``. A benign model of another architecture
+    than the victim's is refused (``why`` says why), before any training."""
+
+    def check(arch: tuple[str, int | None]) -> None:
+        if victim is not None and victim.get("model") and (victim["model"], victim.get("width")) != arch:
+            raise ConfigError(f"the benign model is {arch[0]} (width {arch[1]}) but the victim is {victim['model']} "
+                              f"(width {victim.get('width')}): {why}")
+
+    if config.reference_run is not None:
+        model, ref = load_reference(config.reference_run, train, num_classes, device, what)
+        arch = (str(ref["model"]), ref.get("width"))
+        check(arch)
+        return model, arch
+    arch = reference_architecture(config.reference_model, config.reference_width, victim)
+    check(arch)
+    return train_reference(train, num_classes, arch[0], arch[1], config.reference_epochs, config.seed, device, what), arch

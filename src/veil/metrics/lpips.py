@@ -18,7 +18,7 @@ The backbone is looked for, in order, in
    ``vgg16-397923af.pth``: the full torchvision state dict, as a past
    ``alexnet(weights="IMAGENET1K_V1")`` or ``vgg16(...)`` left it).
 
-``../shared/weights`` (the project's offline weights) holds the AlexNet backbone only.
+The project's shared offline weights folder (``$VEIL_WEIGHTS``) holds the AlexNet backbone only.
 
 Example:
     >>> model = load_lpips("path/to/weights")          # doctest: +SKIP

@@ -13,13 +13,7 @@ from torch import Tensor, nn
 from veil.attacks.adaptive.config import AdaptiveConfig
 from veil.attacks.adaptive.hook import AdaptiveHook
 from veil.attacks.base import Attack, AttackKind, register_attack
-from veil.attacks.reference import (
-    decode_architecture,
-    encode_architecture,
-    load_reference,
-    reference_architecture,
-    train_reference,
-)
+from veil.attacks.reference import benign_reference, decode_architecture, encode_architecture
 from veil.data.base import ImageDataset, PoisonedDataset, to_float
 from veil.errors import ConfigError
 from veil.inference import eval_mode
@@ -117,19 +111,8 @@ class AdaptiveAttack(Attack):
         c = self.config
         if train.image_shape != self.image_shape:
             raise ConfigError(f"attack built for images {self.image_shape}, training set has {train.image_shape}")
-        def check(arch: tuple[str, int | None]) -> None:
-            if victim is not None and victim.get("model") and (victim["model"], victim.get("width")) != arch:
-                raise ConfigError(f"the benign model is {arch[0]} (width {arch[1]}) but the victim is {victim['model']} "
-                                  f"(width {victim.get('width')}): the attacked classifier is fine-tuned from the benign one")
-
-        if c.reference_run is not None:
-            model, ref = load_reference(c.reference_run, train, self.num_classes, device, "adaptive")
-            arch = (str(ref["model"]), ref.get("width"))
-            check(arch)
-        else:
-            arch = reference_architecture(c.reference_model, c.reference_width, victim)
-            check(arch)  # before training a benign model that could not be used
-            model = train_reference(train, self.num_classes, arch[0], arch[1], c.reference_epochs, c.seed, device, "adaptive")
+        model, arch = benign_reference(c, train, self.num_classes, device, victim, "adaptive",
+                                       "the attacked classifier is fine-tuned from the benign one")
         self.benign_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.benign_architecture = arch
         if c.generator == "mpm":

@@ -11,13 +11,7 @@ from torch import Tensor, nn
 
 from veil.attacks.atteq.config import BY_DATASET, OTHER, TRANSPARENCY_BY_SIZE, AtteqConfig, RobNetConfig, TrojanNNConfig
 from veil.attacks.base import Attack, AttackKind, register_attack
-from veil.attacks.reference import (
-    decode_architecture,
-    encode_architecture,
-    load_reference,
-    reference_architecture,
-    train_reference,
-)
+from veil.attacks.reference import benign_reference, decode_architecture, encode_architecture, train_reference
 from veil.data.base import ImageDataset, to_float
 from veil.errors import ConfigError
 from veil.inference import batched, eval_mode
@@ -115,19 +109,8 @@ class AtteqAttack(Attack):
         _, h, w = self.image_shape
         if self.size > min(h, w):
             raise ConfigError(f"atteq trigger size {self.size} does not fit {h}x{w} images")
-        def check(arch: tuple[str, int | None]) -> None:
-            if victim is not None and victim.get("model") and (victim["model"], victim.get("width")) != arch:
-                raise ConfigError(f"the benign model is {arch[0]} (width {arch[1]}) but the victim is {victim['model']} "
-                                  f"(width {victim.get('width')}): training starts from the benign model")
-
-        if c.reference_run is not None:
-            benign, ref = load_reference(c.reference_run, train, self.num_classes, dev, "atteq")
-            arch = (str(ref["model"]), ref.get("width"))
-            check(arch)
-        else:
-            arch = reference_architecture(c.reference_model, c.reference_width, victim)
-            check(arch)  # before training a benign model that could not be used
-            benign = train_reference(train, self.num_classes, arch[0], arch[1], c.reference_epochs, c.seed, dev, "atteq")
+        benign, arch = benign_reference(c, train, self.num_classes, dev, victim, "atteq",
+                                        "training starts from the benign model")
         self.benign_state = {k: v.detach().cpu().clone() for k, v in benign.state_dict().items()}
         self.benign_architecture = arch
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + _POOL_SALT)
