@@ -35,7 +35,7 @@ def test_every_paper_table_plans_at_every_scale_with_the_papers_figures(tmp_path
 
 
 def test_unknown_papers_tables_and_scales_are_named(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="unknown paper 'nosuch'; veil reproduce knows adaptive, frequency"):
+    with pytest.raises(ConfigError, match="unknown paper 'nosuch'; veil reproduce knows adaptive, atteq, frequency"):
         plan("nosuch", None, "cpu", None, tmp_path)
     with pytest.raises(ConfigError, match="has no table '9'"):
         plan("frequency", "9", "cpu", None, tmp_path)

@@ -28,7 +28,8 @@ steps that produce veil's figures and the cells they fill::
 ``data: SUBFOLDER`` makes a step read ``DATA_ROOT/SUBFOLDER`` (a table whose steps need different
 dataset folders, e.g. ``cifar10-subset`` beside ``gtsrb``, takes the folder holding both as
 ``--data-root``). ``reference_run: STEP`` passes that step's run folder to a run step, or to every point of a sweep
-step, as the attack's ``reference_run``. :func:`reproduce` runs the steps (finished runs are read back, not
+step, as the attack's ``reference_run`` (and ``attention_run: STEP`` as its ``attention_run``: ATTEQ's
+attention network). :func:`reproduce` runs the steps (finished runs are read back, not
 retrained) and writes ``OUT/table-T.md``, ``OUT/table-T.json`` and ``OUT/report-T.html``.
 """
 
@@ -47,6 +48,8 @@ __all__ = ["PAPERS_DIR", "Step", "list_papers", "load_paper", "plan", "reproduce
 
 PAPERS_DIR = Path(__file__).resolve().parent
 SCALES = ("cpu", "paper")
+#: step keys naming an earlier run step whose folder becomes the attack option of that name
+RUN_LINKS = ("reference_run", "attention_run")
 
 
 def list_papers() -> list[str]:
@@ -83,7 +86,7 @@ def load_paper(name: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: unknown scale {scale!r}; scales: {', '.join(SCALES)}")
             names = [s["name"] for s in plan_["steps"]]
             for s in plan_["steps"]:
-                same = {k: s.get(k) for k in ("recipe", "reference_run", "data")}
+                same = {k: s.get(k) for k in ("recipe", "data", *RUN_LINKS)}
                 if steps_seen.setdefault((scale, s["name"]), same) != same:
                     raise ConfigError(f"{where}, scale {scale}: step {s['name']!r} differs from the step of that name in "
                                       "another table (the tables of a paper share their runs)")
@@ -122,6 +125,19 @@ def _table(spec: dict[str, Any], table: str | None) -> tuple[str, dict[str, Any]
     return key, tables[key]
 
 
+def _links(paper: str, key: str, step: dict[str, Any], steps: list[Step]) -> dict[str, str]:
+    """The attack options ``step`` links to earlier run steps (:data:`RUN_LINKS`): option -> folder."""
+    done = {st.name: st for st in steps}
+    links = {}
+    for option in RUN_LINKS:
+        if option in step:
+            ref = done.get(step[option])
+            if ref is None or ref.kind != "run":
+                raise ConfigError(f"paper {paper}, table {key}: step {step['name']} needs the run step {step[option]!r} before it")
+            links[option] = str(ref.out)
+    return links
+
+
 def plan(paper: str, table: str | None, scale: str, data_root: str | None, out: str | Path,
          device: str | None = None) -> tuple[str, dict[str, Any], list[Step]]:
     """The steps that reproduce ``paper``'s ``table`` at ``scale``: (table key, table spec, steps),
@@ -145,11 +161,9 @@ def plan(paper: str, table: str | None, scale: str, data_root: str | None, out: 
         if device is not None:
             overrides["device"] = device
         if recipe.kind == "run":
-            if "reference_run" in s:
-                ref = {st.name: st for st in steps}.get(s["reference_run"])
-                if ref is None or ref.kind != "run":
-                    raise ConfigError(f"paper {paper}, table {key}: step {s['name']} needs the run step {s['reference_run']!r} before it")
-                overrides["attack_options"] = {"reference_run": str(ref.out)}  # merged with the recipe's options
+            links = _links(paper, key, s, steps)
+            if links:
+                overrides["attack_options"] = links  # merged with the recipe's options
             config = recipe.run_config(overrides, out=str(step_out))
             steps.append(Step(s["name"], recipe.name, step_out, "run", ((s["name"], config),)))
             continue
@@ -157,11 +171,9 @@ def plan(paper: str, table: str | None, scale: str, data_root: str | None, out: 
         base = dict(sweep_spec["base"])
         if device is not None:
             base["device"] = device
-        if "reference_run" in s:
-            ref = {st.name: st for st in steps}.get(s["reference_run"])
-            if ref is None or ref.kind != "run":
-                raise ConfigError(f"paper {paper}, table {key}: step {s['name']} needs the run step {s['reference_run']!r} before it")
-            base["attack_options"] = {**dict(base.get("attack_options") or {}), "reference_run": str(ref.out)}
+        links = _links(paper, key, s, steps)
+        if links:
+            base["attack_options"] = {**dict(base.get("attack_options") or {}), **links}
         sweep_spec["base"] = base
         sweep = parse_sweep(sweep_spec, base_dir=Path.cwd(), default_name=recipe.name.replace("/", "-"), recipe=recipe.name)
         steps.append(Step(s["name"], recipe.name, step_out, "sweep", tuple(sweep.points()), sweep_spec))
