@@ -305,3 +305,55 @@ def test_defender_data_is_stratified_seeded_and_checked(planted):
         defender_data(train, test, 601, "train")
     with pytest.raises(ConfigError, match="clean_source"):
         defender_data(train, test, 10, "val")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- NAD
+def test_nad_attention_map_is_normalised_and_the_loss_reaches_only_the_student():
+    from veil.defenses.nad import attention_loss, attention_map
+
+    f = torch.randn(4, 8, 5, 5)
+    am = attention_map(f)
+    assert am.shape == (4, 25) and torch.allclose(am.norm(dim=1), torch.ones(4), atol=1e-4)
+    assert torch.allclose(am, attention_map(3 * f), atol=1e-5)  # scale-free, as the official map
+    assert attention_map(torch.randn(2, 7, 16)).shape == (2, 7)  # a ViT block's tokens
+    with pytest.raises(ConfigError, match="NAD needs a stage output"):
+        attention_map(torch.randn(2, 3))
+    s = f.clone().requires_grad_(True)
+    t = torch.randn(4, 8, 5, 5).requires_grad_(True)
+    assert float(attention_loss(f, f)) == 0.0
+    attention_loss(s, t.detach()).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+def _nad(planted, epochs: int, beta: float, seed: int = 0, lr: float = 0.01):
+    """Teacher: the backdoored model fine-tuned on 60 clean images; student distilled from it."""
+    import copy
+
+    from veil.defenses.nad import DistillationHook
+
+    clean = colours(60, seed=4)  # the defender's own clean images
+    torch.manual_seed(seed)
+    teacher = copy.deepcopy(planted.model)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=lr, schedule="constant", augment=False, seed=seed, checkpoint_every=0)
+    Trainer(teacher, clean, cfg, device="cpu", progress=False).fit()
+    teacher.eval()
+    student = copy.deepcopy(planted.model)
+    hook = DistillationHook(teacher, "conv2", beta, 2.0)
+    history = Trainer(student, clean, cfg, hooks=[hook], device="cpu", progress=False).fit()
+    hook.remove()
+    student.eval()
+    asr = float((predict(student, planted.triggered) == TARGET).float().mean())
+    acc = float((predict(student, planted.test.images) == planted.test.labels).float().mean())
+    return student, asr, acc, history
+
+
+def test_nad_erases_the_planted_backdoor_where_fine_tuning_alone_does_not(planted):
+    student, asr, acc, history = _nad(planted, epochs=8, beta=5000.0, lr=0.05)
+    assert planted.asr() > 0.95
+    assert asr < 0.2 and acc > 0.9, (asr, acc)
+    assert all(h["nad_attention_loss"] >= 0 for h in history)
+    _, asr_ft, _, _ = _nad(planted, epochs=8, beta=0.0, lr=0.05)  # the same training without distillation
+    assert asr_ft > 0.5, asr_ft
+    again, asr2, acc2, _ = _nad(planted, epochs=8, beta=5000.0, lr=0.05)
+    assert (asr2, acc2) == (asr, acc)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))

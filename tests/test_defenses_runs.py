@@ -33,6 +33,7 @@ TINY: dict[str, dict] = {
     "gradcam": {"clean_images": 43, "test_images": 20, "examples": 3},
     "spectral_signatures": {},
     "activation_clustering": {"clean_images": 86},
+    "nad": {"clean_fraction": 0.2, "epochs": 2, "teacher_epochs": 1, "lr_drop_epoch": 1, "batch_size": 32},
 }
 FIGURES = {
     "neural_cleanse": ["neural_cleanse_norms.png", "neural_cleanse_triggers.png"],
@@ -41,6 +42,7 @@ FIGURES = {
     "gradcam": ["gradcam_examples.png"],
     "spectral_signatures": ["spectral_signatures.png"],
     "activation_clustering": ["activation_clustering.png"],
+    "nad": [],
 }
 
 
@@ -75,7 +77,7 @@ def runs(tmp_path_factory):
 def test_all_six_are_registered_with_their_kind():
     assert set(TINY) <= set(list_defenses())
     assert {"neural_cleanse", "strip", "spectral_signatures", "activation_clustering"} <= set(list_defenses("detector"))
-    assert {"fine_pruning", "gradcam"} <= set(list_defenses("mitigator"))
+    assert {"fine_pruning", "gradcam", "nad"} <= set(list_defenses("mitigator"))
     for name in TINY:
         d = create_defense(name)
         assert d.describe()["name"] == name
@@ -120,6 +122,9 @@ def test_results_carry_the_numbers_each_paper_reports(runs):
     for name in ("spectral_signatures", "activation_clustering"):
         r = load_result(bad / "defenses" / name / "result.json")
         assert {"tpr", "fpr"} <= set(r.metrics) and r.extra["poisoned_count"] == 43
+    nad = load_result(bad / "defenses" / "nad" / "result.json")
+    assert nad.extra["layer"] == "layer4" and nad.extra["clean_images"] == 86 and len(nad.curve) == 2
+    assert all(p["attention_loss"] >= 0 for p in nad.curve) and {"clean_accuracy", "attack_success_rate"} <= set(nad.extra["teacher"])
     clean = load_result(runs["none"] / "defenses" / "spectral_signatures" / "result.json")
     assert clean.extra["poisoned_count"] == 0 and math.isnan(clean.metrics["tpr"])  # no poison
     assert load_result(runs["none"] / "defenses" / "neural_cleanse" / "result.json").metrics == {}
@@ -184,6 +189,9 @@ def test_cli_defend_runs_and_prints_a_summary(runs, tmp_path, capsys):
         (["defend", "activation_clustering", "--opt", "analysis=exclusion"], "analysis must be 'reference' or 'size'"),
         (["defend", "spectral_signatures", "--opt", "train_images=5000"], "train_images=5000 is larger than"),
         (["defend", "spectral_signatures", "--opt", "nosuch=1"], "has no option(s) nosuch"),
+        (["defend", "nad", "--opt", "clean_fraction=1.5"], "clean_fraction must be in (0.0, 1.0]"),
+        (["defend", "nad", "--opt", "layer=nosuch"], "has no layer 'nosuch'; its stages: layer1"),
+        (["defend", "nad", "--opt", "lr=-1"], "NAD lr must be a positive number"),
     ],
 )
 def test_bad_input_gets_one_clear_line(runs, tmp_path, capsys, args, expected):

@@ -35,6 +35,7 @@ from veil.defenses.base import (
 )
 from veil.defenses.fine_pruning import FinePruning
 from veil.defenses.gradcam import GradCam
+from veil.defenses.nad import NAD
 from veil.defenses.neural_cleanse import NeuralCleanse
 from veil.defenses.preprocess import AutoencoderDefense, JpegDefense
 from veil.defenses.spectral_signatures import SpectralSignatures
@@ -52,6 +53,7 @@ __all__ = [
     "GradCam",
     "JpegDefense",
     "MitigationResult",
+    "NAD",
     "Mitigator",
     "NeuralCleanse",
     "SpectralSignatures",
