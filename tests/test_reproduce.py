@@ -166,3 +166,21 @@ def run_cli_dry(capsys):
     code = main(["reproduce", "semantic", "--table", "3", "--scale", "cpu", "--data-root", "data", "--dry-run"])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_atteq_steps_link_the_benign_model_and_the_attention_network(tmp_path):
+    """ATTEQ's steps get the reference and ran steps' folders as reference_run and attention_run;
+    a sweep step gets them in every point; the baselines that take neither get none."""
+    _, _, steps = plan("atteq", "1", "cpu", "data", tmp_path)
+    by = {s.name: s for s in steps}
+    (_, atteq), = by["atteq"].points
+    assert atteq.attack_options["reference_run"] == str(by["reference"].out)
+    assert atteq.attack_options["attention_run"] == str(by["ran"].out)
+    (_, robnet), = by["robnet"].points
+    assert robnet.attack_options["reference_run"] == str(by["reference"].out) and "attention_run" not in robnet.attack_options
+    (_, badnets), = by["badnets"].points
+    assert badnets.attack == "badnets" and badnets.poison_count == 196 and "reference_run" not in badnets.attack_options
+    _, _, steps = plan("atteq", "4", "cpu", "data", tmp_path)
+    points = [c for _, c in {s.name: s for s in steps}["ablations"].points]
+    assert len(points) == 6 and points[0].attack == "robnet"
+    assert all(c.attack_options["attention_run"].endswith("ran") for c in points)
