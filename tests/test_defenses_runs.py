@@ -33,6 +33,7 @@ TINY: dict[str, dict] = {
     "gradcam": {"clean_images": 43, "test_images": 20, "examples": 3},
     "spectral_signatures": {},
     "activation_clustering": {"clean_images": 86},
+    "ftd": {"clean_images": 86, "epochs": 1, "test_images": 20},
     "nad": {"clean_fraction": 0.2, "epochs": 2, "teacher_epochs": 1, "lr_drop_epoch": 1, "batch_size": 32},
 }
 FIGURES = {
@@ -43,6 +44,7 @@ FIGURES = {
     "spectral_signatures": ["spectral_signatures.png"],
     "activation_clustering": ["activation_clustering.png"],
     "nad": [],
+    "ftd": [],
 }
 
 
@@ -76,7 +78,7 @@ def runs(tmp_path_factory):
 
 def test_all_six_are_registered_with_their_kind():
     assert set(TINY) <= set(list_defenses())
-    assert {"neural_cleanse", "strip", "spectral_signatures", "activation_clustering"} <= set(list_defenses("detector"))
+    assert {"neural_cleanse", "strip", "spectral_signatures", "activation_clustering", "ftd"} <= set(list_defenses("detector"))
     assert {"fine_pruning", "gradcam", "nad"} <= set(list_defenses("mitigator"))
     for name in TINY:
         d = create_defense(name)
@@ -125,6 +127,9 @@ def test_results_carry_the_numbers_each_paper_reports(runs):
     nad = load_result(bad / "defenses" / "nad" / "result.json")
     assert nad.extra["layer"] == "layer4" and nad.extra["clean_images"] == 86 and len(nad.curve) == 2
     assert all(p["attention_loss"] >= 0 for p in nad.curve) and {"clean_accuracy", "attack_success_rate"} <= set(nad.extra["teacher"])
+    ftd = load_result(bad / "defenses" / "ftd" / "result.json")
+    assert {"accuracy", "tpr", "fpr", "auroc"} <= set(ftd.metrics) and ftd.extra["triggered_test_inputs"] == 20
+    assert ftd.score == ftd.metrics["accuracy"] and 0 <= ftd.score <= 1
     clean = load_result(runs["none"] / "defenses" / "spectral_signatures" / "result.json")
     assert clean.extra["poisoned_count"] == 0 and math.isnan(clean.metrics["tpr"])  # no poison
     assert load_result(runs["none"] / "defenses" / "neural_cleanse" / "result.json").metrics == {}
@@ -192,6 +197,8 @@ def test_cli_defend_runs_and_prints_a_summary(runs, tmp_path, capsys):
         (["defend", "nad", "--opt", "clean_fraction=1.5"], "clean_fraction must be in (0.0, 1.0]"),
         (["defend", "nad", "--opt", "layer=nosuch"], "has no layer 'nosuch'; its stages: layer1"),
         (["defend", "nad", "--opt", "lr=-1"], "NAD lr must be a positive number"),
+        (["defend", "ftd", "--opt", "clean_images=100000"], "larger than the run's 430 clean training images"),
+        (["defend", "ftd", "--opt", "lr=0"], "FTD lr must be a positive number"),
     ],
 )
 def test_bad_input_gets_one_clear_line(runs, tmp_path, capsys, args, expected):

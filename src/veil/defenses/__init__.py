@@ -34,6 +34,7 @@ from veil.defenses.base import (
     transformed_accuracy,
 )
 from veil.defenses.fine_pruning import FinePruning
+from veil.defenses.ftd import FTD
 from veil.defenses.gradcam import GradCam
 from veil.defenses.nad import NAD
 from veil.defenses.neural_cleanse import NeuralCleanse
@@ -49,6 +50,7 @@ __all__ = [
     "DefenseConfig",
     "DetectionResult",
     "Detector",
+    "FTD",
     "FinePruning",
     "GradCam",
     "JpegDefense",
