@@ -300,3 +300,14 @@ def reference_model(loaded: LoadedRun, path: str) -> nn.Module:
     if a.attack != "none":
         log.warning("reference run %s was trained with attack %r, not as a clean reference", path, a.attack)
     return ref.model
+
+
+def train_constant(model: nn.Module, data: ImageDataset, epochs: int, lr: float, batch_size: int, momentum: float,
+                   weight_decay: float, seed: int, hooks: Any = (), progress: bool = False) -> list[dict[str, Any]]:
+    """``epochs`` of SGD (Nesterov) at the constant rate ``lr`` on ``data`` through veil's trainer,
+    with training ``hooks``; the trainer's history. For defenses that fine-tune or distil."""
+    from veil.train import TrainConfig, Trainer
+
+    tc = TrainConfig(epochs=epochs, batch_size=min(batch_size, len(data)), lr=lr, momentum=momentum,
+                     weight_decay=weight_decay, schedule="constant", seed=seed, checkpoint_every=0)
+    return Trainer(model, data, tc, hooks=list(hooks), device=module_device(model), progress=progress).fit()

@@ -33,11 +33,11 @@ from torch import Tensor, nn
 
 from veil.data.base import ImageDataset
 from veil.defenses.base import DefenseConfig, MitigationResult, Mitigator, register_defense
-from veil.defenses.common import check_fraction, check_positive, defender_data, run_title
+from veil.defenses.common import check_fraction, check_positive, defender_data, run_title, train_constant
 from veil.errors import ConfigError
-from veil.inference import eval_mode, module_device
+from veil.inference import eval_mode
 from veil.records import atomic_write_json
-from veil.train import Batch, StepContext, TrainConfig, Trainer, TrainHook, predict
+from veil.train import Batch, StepContext, TrainHook, predict
 
 if TYPE_CHECKING:
     from veil.runs import LoadedRun
@@ -157,10 +157,8 @@ class NAD(Mitigator):
         for n, lr in ((first, cfg.lr), (epochs - first, cfg.lr_after)):
             if n == 0:
                 continue
-            tc = TrainConfig(epochs=n, batch_size=min(cfg.batch_size, len(clean)), lr=lr, momentum=cfg.momentum,
-                             weight_decay=cfg.weight_decay, schedule="constant", seed=cfg.seed + len(history),
-                             checkpoint_every=0)
-            history += Trainer(model, clean, tc, hooks=hooks, device=module_device(model), progress=self.progress).fit()
+            history += train_constant(model, clean, n, lr, cfg.batch_size, cfg.momentum, cfg.weight_decay,
+                                      cfg.seed + len(history), hooks, self.progress)
         return history
 
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> MitigationResult:
