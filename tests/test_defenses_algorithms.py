@@ -25,7 +25,7 @@ from veil.defenses.fine_pruning import (
     pruning_curve,
     pruning_order,
 )
-from veil.defenses.gradcam import grad_cam, mask_attention
+from veil.defenses.gradcam import grad_cam, inpaint, mask_attention
 from veil.defenses.neural_cleanse import anomaly_index, reverse_engineer_triggers
 from veil.defenses.spectral_signatures import spectral_flags, spectral_scores
 from veil.defenses.strip import strip_entropy
@@ -264,6 +264,11 @@ def test_pruning_curve_features_and_module_paths_agree_at_the_ends(planted):
                            layer="conv2", counts=[0, 24])
     assert [p["pruned"] for p in hooked] == [0, 24]
     assert hooked[0]["clean_accuracy"] == pytest.approx(planted.accuracy())
+    truth = planted.test.labels[planted.test.labels != TARGET]
+    robust = pruning_curve(model, order, sets, counts=[0], relabel={"robust_accuracy": ("attack_success_rate", truth)})
+    assert robust[0]["robust_accuracy"] == pytest.approx(float((predict(model, planted.triggered) == truth).float().mean()))
+    with pytest.raises(ConfigError, match="one label per image"):
+        pruning_curve(model, order, sets, counts=[0], relabel={"r": ("attack_success_rate", truth[:3])})
     stop, below = operating_point(curve, "clean_accuracy", 0.8)
     assert stop["clean_accuracy"] >= 0.8 and (below is None or below["clean_accuracy"] < 0.8)
     assert below is None or below["pruned"] == stop["pruned"] + 1
@@ -282,6 +287,41 @@ def test_grad_cam_attends_to_the_patch(planted):
     assert bool((masked[region[:, None].expand_as(masked)] == 0.5).all())
     with pytest.raises(ConfigError, match="no layer"):
         grad_cam(planted.model, planted.triggered[:2], "nope")
+
+
+def test_inpainting_restores_only_the_region_from_its_surroundings():
+    x = torch.full((2, 3, SIZE, SIZE), 0.25)
+    x[:, 0] = 0.75
+    region = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    region[:, 5:9, 6:10] = True
+    x[:, :, 5:9, 6:10] = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)  # a foreign patch
+    out = inpaint(x, region)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.equal(out[:, :, ~region[0]], x[:, :, ~region[0]])  # outside: untouched, exactly
+    inside = out[:, :, region[0]]
+    assert float((inside[:, 0] - 0.75).abs().max()) <= 2 / 255 and float((inside[:, 1:] - 0.25).abs().max()) <= 2 / 255
+    assert torch.equal(inpaint(x, region), out)  # deterministic
+    assert torch.equal(inpaint(x, torch.zeros_like(region)), x)
+    with pytest.raises(ConfigError, match="1 or 3 channels"):
+        inpaint(torch.zeros(1, 2, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool))
+
+
+def test_februus_restoration_removes_the_planted_backdoor_and_keeps_clean_images(planted):
+    """Removing the top-attention region and inpainting it (Februus) sends the triggered inputs back
+    to their labels; on clean inputs inpainting keeps the class where the mean-colour fill loses it."""
+    model, layer = planted.model, "conv2"
+    fill = to_float(planted.test.images).mean((0, 2, 3))
+    cam, _ = grad_cam(model, planted.triggered, layer)
+    _, region = mask_attention(planted.triggered, cam, 0.6, fill)
+    restored = predict(model, inpaint(planted.triggered, region))
+    truth = planted.test.labels[planted.test.labels != TARGET]
+    assert planted.asr() > 0.9
+    assert float((restored == TARGET).float().mean()) < 0.1 and float((restored == truth).float().mean()) > 0.9
+    clean_cam, _ = grad_cam(model, planted.test.images, layer)
+    masked, clean_region = mask_attention(planted.test.images, clean_cam, 0.6, fill)
+    inpainted = float((predict(model, inpaint(planted.test.images, clean_region)) == planted.test.labels).float().mean())
+    mean_filled = float((predict(model, masked) == planted.test.labels).float().mean())
+    assert inpainted >= planted.accuracy() - 0.05 and inpainted >= mean_filled
 
 
 # ---------------------------------------------------------------------- the defender's data

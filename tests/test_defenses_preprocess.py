@@ -96,6 +96,23 @@ def test_results_are_frozen_and_json_serialisable():
     json.dumps(d)
     det = DetectionResult(defense="y", detected=True, score=3.2, threshold=2.0, flagged=(0,))
     assert det.to_dict()["flagged"] == [0] and "score 3.2000" in det.summary()
+    assert d["defense_effectiveness_rate"] is None  # no undefended figures
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    ((0.95, 1.0), (0.93, 0.05), (0.95 - 0.02 + 1) / 2),  # BackdoorBench: (max(0, dASR) - max(0, dACC) + 1) / 2
+    ((0.95, 1.0), (0.97, 1.0), 0.5),  # nothing removed; a higher accuracy is not rewarded
+    ((0.95, 0.2), (0.05, 0.9), 0.05),  # a worse backdoor and a lost model
+    ((0.9, 1.0), (0.9, 0.0), 1.0),
+])
+def test_defense_effectiveness_rate(before, after, expected):
+    r = MitigationResult(defense="x", clean_accuracy=after[0], attack_success_rate=after[1],
+                         original_clean_accuracy=before[0], original_attack_success_rate=before[1],
+                         robust_accuracy=0.8, original_robust_accuracy=0.0)
+    assert r.defense_effectiveness_rate == pytest.approx(expected)
+    assert r.to_dict()["defense_effectiveness_rate"] == pytest.approx(expected)
+    assert MitigationResult.from_dict(r.to_dict()) == r
+    assert "robust accuracy 0.8000 (was 0.0000)" in r.summary() and f"DER {expected:.4f}" in r.summary()
 
 
 def test_jpeg_defense_result_curve_and_files(tiny_run, jpeg_result):
@@ -104,7 +121,7 @@ def test_jpeg_defense_result_curve_and_files(tiny_run, jpeg_result):
     for v in (r.clean_accuracy, r.attack_success_rate, r.original_clean_accuracy, r.original_attack_success_rate):
         assert 0.0 <= v <= 1.0
     assert [p["quality"] for p in r.curve] == [90, 70, 50]  # one point per quality, weakest first
-    assert all(set(p) == {"quality", "clean_accuracy", "attack_success_rate"} for p in r.curve)
+    assert all(set(p) == {"quality", "clean_accuracy", "attack_success_rate", "robust_accuracy"} for p in r.curve)
     assert r.clean_accuracy == r.curve[0]["clean_accuracy"] and r.extra["quality"] == 90
     assert r.extra["test_size"] == 215 and r.extra["asr_test_size"] > 0
     assert r.config["qualities"] == [90, 70, 50]

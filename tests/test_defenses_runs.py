@@ -104,6 +104,11 @@ def test_each_defense_runs_on_a_run_record(runs, name, attack):
         assert all(len(row) == len(table["columns"]) for row in table["rows"])
     if isinstance(result, MitigationResult):
         assert 0 <= result.clean_accuracy <= 1 and result.original_clean_accuracy is not None
+        # robust accuracy and the defense effectiveness rate, wherever the defense measures ASR
+        assert 0 <= result.robust_accuracy <= 1 and 0 <= result.original_robust_accuracy <= 1
+        assert result.robust_accuracy + result.attack_success_rate <= 1 + 1e-9
+        der = result.to_dict()["defense_effectiveness_rate"]
+        assert 0 <= der <= 1 and der == result.defense_effectiveness_rate
     else:
         assert isinstance(result, DetectionResult)
 
@@ -121,6 +126,8 @@ def test_results_carry_the_numbers_each_paper_reports(runs):
     gc = load_result(bad / "defenses" / "gradcam" / "result.json")
     rate = gc.extra["removal_rate"]  # nan when no triggered input reached the target (a 1-epoch model)
     assert gc.extra["layer"] == "layer4" and (math.isnan(rate) or 0 <= rate <= 1)
+    assert gc.extra["restore"] == "inpaint" and set(gc.extra["variants"]) == {"inpaint", "mean"}
+    assert gc.clean_accuracy == gc.extra["variants"]["inpaint"]["clean_accuracy"]
     for name in ("spectral_signatures", "activation_clustering"):
         r = load_result(bad / "defenses" / name / "result.json")
         assert {"tpr", "fpr"} <= set(r.metrics) and r.extra["poisoned_count"] == 43

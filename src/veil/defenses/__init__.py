@@ -2,7 +2,7 @@
 
 >>> from veil.defenses import list_defenses
 >>> list_defenses()
-['activation_clustering', 'autoencoder', 'fine_pruning', 'gradcam', 'jpeg', 'neural_cleanse', 'spectral_signatures', 'strip']
+['activation_clustering', 'autoencoder', 'fine_pruning', 'ftd', 'gradcam', 'jpeg', 'nad', 'neural_cleanse', 'spectral_signatures', 'strip']
 
 Input pre-processing: ``jpeg``, ``autoencoder`` (:mod:`veil.defenses.preprocess`). Model inspection:
 ``neural_cleanse`` (:mod:`~veil.defenses.neural_cleanse`), ``fine_pruning``
@@ -28,8 +28,10 @@ from veil.defenses.base import (
     defense_dir,
     evaluate_pipeline,
     list_defenses,
+    der,
     load_result,
     register_defense,
+    robust_test,
     run_defense,
     transformed_accuracy,
 )
@@ -62,10 +64,12 @@ __all__ = [
     "Strip",
     "create_defense",
     "defense_dir",
+    "der",
     "evaluate_pipeline",
     "list_defenses",
     "load_result",
     "register_defense",
+    "robust_test",
     "run_defense",
     "transformed_accuracy",
 ]

@@ -94,6 +94,8 @@ class MitigationResult:
             by the defended pipeline, in [0, 1].
         original_clean_accuracy, original_attack_success_rate: the same without the defense, on the
             same test set (``None`` if not measured).
+        robust_accuracy, original_robust_accuracy: share of the same triggered inputs classified as
+            their true label, after and before the defense (``None`` if not measured).
         curve: points of a sweep over the defense's strength, one dict each (e.g.
             ``{"quality": 90, "clean_accuracy": ..., "attack_success_rate": ...}``).
         extra: defense-specific numbers and settings.
@@ -107,6 +109,8 @@ class MitigationResult:
     attack_success_rate: float
     original_clean_accuracy: float | None = None
     original_attack_success_rate: float | None = None
+    robust_accuracy: float | None = None
+    original_robust_accuracy: float | None = None
     curve: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -115,9 +119,20 @@ class MitigationResult:
 
     kind: ClassVar[str] = "mitigation"
 
+    @property
+    def defense_effectiveness_rate(self) -> float | None:
+        """BackdoorBench's defense effectiveness rate (Wu et al., NeurIPS 2022 Datasets and
+        Benchmarks): ``(max(0, ASR drop) - max(0, clean-accuracy drop) + 1) / 2``, in ``[0, 1]``
+        (0.5: nothing changed); ``None`` without the undefended figures."""
+        if self.original_clean_accuracy is None or self.original_attack_success_rate is None:
+            return None
+        return der(self.original_clean_accuracy, self.original_attack_success_rate, self.clean_accuracy,
+                   self.attack_success_rate)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable data (``kind`` included)."""
-        return {"kind": self.kind, **_plain(dataclasses.asdict(self))}
+        """Plain JSON-serialisable data (``kind`` and the defense effectiveness rate included)."""
+        return {"kind": self.kind, **_plain(dataclasses.asdict(self)),
+                "defense_effectiveness_rate": self.defense_effectiveness_rate}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MitigationResult:
@@ -130,10 +145,24 @@ class MitigationResult:
         def pair(now: float, before: float | None) -> str:
             return f"{now:.4f}" + (f" (was {before:.4f})" if before is not None else "")
 
-        return (
+        text = (
             f"clean accuracy {pair(self.clean_accuracy, self.original_clean_accuracy)}  "
             f"attack success rate {pair(self.attack_success_rate, self.original_attack_success_rate)}"
         )
+        if self.robust_accuracy is not None:
+            text += f"  robust accuracy {pair(self.robust_accuracy, self.original_robust_accuracy)}"
+        if self.defense_effectiveness_rate is not None:
+            text += f"  DER {self.defense_effectiveness_rate:.4f}"
+        return text
+
+
+def der(clean_before: float, asr_before: float, clean_after: float, asr_after: float) -> float:
+    """The defense effectiveness rate of BackdoorBench: ``(max(0, asr_before - asr_after) -
+    max(0, clean_before - clean_after) + 1) / 2``; ``nan`` when a figure is ``nan``."""
+    figures = (clean_before, asr_before, clean_after, asr_after)
+    if any(v is None or v != v for v in figures):
+        return float("nan")
+    return (max(0.0, asr_before - asr_after) - max(0.0, clean_before - clean_after) + 1.0) / 2.0
 
 
 @dataclass(frozen=True)
@@ -316,6 +345,23 @@ def evaluate_pipeline(
 ) -> tuple[float, float]:
     """(clean accuracy, attack success rate) of ``model`` behind ``transform``."""
     return transformed_accuracy(model, test, transform), transformed_accuracy(model, poisoned_test, transform)
+
+
+def robust_test(attack: Any, dataset: ImageDataset, poisoned: ImageDataset) -> ImageDataset:
+    """``poisoned`` (``attack.poison_test(dataset)``: the triggered non-target images of ``dataset``,
+    labelled with the target) labelled with the images' true labels instead: accuracy on it is the
+    robust accuracy (triggered inputs classified as their true label).
+
+    Raises:
+        ConfigError: ``poisoned`` is not ``attack.poison_test(dataset)`` (its length differs).
+    """
+    keep = dataset.labels != attack.target_labels(dataset.labels)
+    labels = dataset.labels[keep]
+    if labels.numel() != len(poisoned):
+        raise ConfigError(f"the triggered set has {len(poisoned)} images, but {dataset.name} has {labels.numel()} "
+                          "non-target images: pass attack.poison_test(dataset)")
+    return ImageDataset(poisoned.images, labels.clone(), poisoned.classes, dataset.name + "-triggered-true-labels",
+                        poisoned.hflip)
 
 
 # ---------------------------------------------------------------------- runner

@@ -45,6 +45,7 @@ from veil.defenses.base import (
     MitigationResult,
     Mitigator,
     register_defense,
+    robust_test,
 )
 from veil.defenses.common import (
     CleanSource,
@@ -163,10 +164,6 @@ def pruning_order(activations: Tensor) -> Tensor:
     return torch.argsort(activations.double(), stable=True)
 
 
-def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.argmax(1) == labels).float().mean()) if labels.numel() else float("nan")
-
-
 def pruning_curve(
     model: nn.Module,
     order: Tensor,
@@ -175,6 +172,7 @@ def pruning_curve(
     counts: list[int] | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    relabel: dict[str, tuple[str, Tensor]] | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy on each of ``sets`` after pruning the first ``n`` channels of ``order``.
 
@@ -187,10 +185,25 @@ def pruning_curve(
         layer: see :class:`PrunedClassifier`.
         counts: numbers of pruned channels to evaluate (default every count ``0..C``).
         batch_size, progress: inference settings.
+        relabel: further figures read from the same predictions, ``{NAME: (SET, labels)}``: the
+            accuracy of the predictions on ``sets[SET]`` against ``labels`` (e.g. the robust
+            accuracy: the triggered set's predictions against the images' true labels).
 
     Returns:
         One dict per count: ``{"pruned": n, "fraction": n / C, NAME: accuracy, ...}``.
     """
+    relabel = relabel or {}
+    for name, (key, labels) in relabel.items():
+        if key not in sets or labels.numel() != len(sets[key]):
+            raise ConfigError(f"relabel {name!r} needs one label per image of a set in sets, got {key!r}")
+
+    def figures(point: dict[str, Any], preds: dict[str, Tensor]) -> dict[str, Any]:
+        for k, d in sets.items():
+            point[k] = float((preds[k] == d.labels).float().mean()) if len(d) else float("nan")
+        for name, (key, labels) in relabel.items():
+            point[name] = float((preds[key] == labels).float().mean()) if labels.numel() else float("nan")
+        return point
+
     channels = int(order.numel())
     counts = list(range(channels + 1)) if counts is None else sorted({int(n) for n in counts})
     pruned = PrunedClassifier(model, layer, channels)
@@ -203,20 +216,16 @@ def pruning_curve(
                 for n in counts:
                     keep = torch.ones(channels)
                     keep[order[:n]] = 0.0
-                    point: dict[str, Any] = {"pruned": n, "fraction": n / channels}
-                    for k, d in sets.items():
-                        logits = model.classify((feats[k] * keep).to(dev)).float().cpu()  # type: ignore[operator]
-                        point[k] = _accuracy(logits, d.labels)
-                    points.append(point)
+                    preds = {k: model.classify((feats[k] * keep).to(dev)).float().cpu().argmax(1)  # type: ignore[operator]
+                             for k in sets}
+                    points.append(figures({"pruned": n, "fraction": n / channels}, preds))
         else:
             from veil.train import predict
 
             for n in tqdm(counts, desc="pruning", unit="point", leave=False, disable=not progress or None):
                 pruned.prune(order[:n])
-                point = {"pruned": n, "fraction": n / channels}
-                for k, d in sets.items():
-                    point[k] = float((predict(pruned, d.images, batch_size=batch_size) == d.labels).float().mean()) if len(d) else float("nan")
-                points.append(point)
+                preds = {k: predict(pruned, d.images, batch_size=batch_size) if len(d) else d.labels for k, d in sets.items()}
+                points.append(figures({"pruned": n, "fraction": n / channels}, preds))
     finally:
         pruned.remove()
     return points
@@ -296,6 +305,7 @@ class FinePruning(Mitigator):
             raise ConfigError(f"model {type(model).__name__} names no last_conv; pass a module path as layer")
         clean, evaluation = defender_data(train, test, cfg.clean_images, cfg.clean_source, cfg.seed, self.name)
         poisoned = loaded.attack.poison_test(evaluation)
+        robust = robust_test(loaded.attack, evaluation, poisoned)
         activations = channel_activations(model, clean.images, layer)
         channels = int(activations.numel())
         order = pruning_order(activations)
@@ -304,7 +314,8 @@ class FinePruning(Mitigator):
             counts = sorted({round(i * channels / cfg.points) for i in range(cfg.points + 1)})
         sets = {"clean_accuracy": evaluation, "attack_success_rate": poisoned, "validation_accuracy": clean}
         log.info("fine-pruning: %d channels of %s, %d clean images, %d test images", channels, layer, len(clean), len(evaluation))
-        curve = pruning_curve(model, order, sets, layer, counts, progress=self.progress)
+        curve = pruning_curve(model, order, sets, layer, counts, progress=self.progress,
+                              relabel={"robust_accuracy": ("attack_success_rate", robust.labels)})
         stop, below = operating_point(curve, "validation_accuracy", cfg.accuracy_threshold)
         # the same rule read on the test curve, as the papers' figures report it
         test_stop, test_below = operating_point(curve, "clean_accuracy", cfg.accuracy_threshold)
@@ -319,10 +330,10 @@ class FinePruning(Mitigator):
             n, channels, stop["clean_accuracy"], stop["attack_success_rate"],
         )
         finetuned: dict[str, Any] | None = None
-        cda, asr = stop["clean_accuracy"], stop["attack_success_rate"]
+        cda, asr, ra = stop["clean_accuracy"], stop["attack_success_rate"], stop["robust_accuracy"]
         if cfg.finetune_epochs:
-            finetuned = self._finetune(model, layer, order[:n], channels, clean, evaluation, poisoned)
-            cda, asr = finetuned["clean_accuracy"], finetuned["attack_success_rate"]
+            finetuned = self._finetune(model, layer, order[:n], channels, clean, evaluation, poisoned, robust)
+            cda, asr, ra = finetuned["clean_accuracy"], finetuned["attack_success_rate"], finetuned["robust_accuracy"]
 
         title = run_title(loaded)
         atomic_write_bytes(
@@ -338,15 +349,17 @@ class FinePruning(Mitigator):
             p = curve[i]
             note = "stop" if p is stop else ("first below threshold" if p is below else "")
             rows.append([p["pruned"], round(100 * p["fraction"], 1), pct(p["validation_accuracy"]), pct(p["clean_accuracy"]),
-                         pct(p["attack_success_rate"]), note])
+                         pct(p["attack_success_rate"]), pct(p["robust_accuracy"]), note])
         if finetuned is not None:
             rows.append([n, round(100 * n / channels, 1), None, pct(finetuned["clean_accuracy"]),
-                         pct(finetuned["attack_success_rate"]), f"fine-tuned {cfg.finetune_epochs} epoch(s)"])
+                         pct(finetuned["attack_success_rate"]), pct(finetuned["robust_accuracy"]),
+                         f"fine-tuned {cfg.finetune_epochs} epoch(s)"])
         atomic_write_json(
             out_dir / "tables" / "fine_pruning.json",
             {
                 "title": f"Fine-pruning ({layer}, {channels} channels): {title}",
-                "columns": ["pruned", "pruned %", "validation accuracy %", "clean accuracy %", "attack success rate %", "note"],
+                "columns": ["pruned", "pruned %", "validation accuracy %", "clean accuracy %", "attack success rate %",
+                            "robust accuracy %", "note"],
                 "rows": rows,
                 "note": f"stop when validation accuracy < {100 * cfg.accuracy_threshold:g} % on {len(clean)} clean images; "
                 f"{len(evaluation)} test images, {len(poisoned)} triggered",
@@ -358,6 +371,8 @@ class FinePruning(Mitigator):
             attack_success_rate=asr,
             original_clean_accuracy=curve[0]["clean_accuracy"],
             original_attack_success_rate=curve[0]["attack_success_rate"],
+            robust_accuracy=ra,
+            original_robust_accuracy=curve[0]["robust_accuracy"],
             curve=curve,
             extra={
                 "layer": layer,
@@ -378,7 +393,7 @@ class FinePruning(Mitigator):
 
     def _finetune(
         self, model: nn.Module, layer: str, pruned: Tensor, channels: int, clean: ImageDataset,
-        evaluation: ImageDataset, poisoned: ImageDataset,
+        evaluation: ImageDataset, poisoned: ImageDataset, robust: ImageDataset,
     ) -> dict[str, Any]:
         """Fine-tune the pruned model on the clean images (the mask stays applied)."""
         from veil.train import TrainConfig, Trainer, predict
@@ -392,12 +407,14 @@ class FinePruning(Mitigator):
             history = Trainer(wrapped, clean, tc, device=module_device(model), progress=self.progress).fit()
             wrapped.eval()
             cda = float((predict(wrapped, evaluation.images) == evaluation.labels).float().mean())
-            asr = float((predict(wrapped, poisoned.images) == poisoned.labels).float().mean()) if len(poisoned) else float("nan")
+            triggered = predict(wrapped, poisoned.images) if len(poisoned) else poisoned.labels
+            asr = float((triggered == poisoned.labels).float().mean()) if len(poisoned) else float("nan")
+            ra = float((triggered == robust.labels).float().mean()) if len(poisoned) else float("nan")
         finally:
             wrapped.remove()
         log.info("fine-pruning: after %d epoch(s) of fine-tuning: clean accuracy %.4f, attack success rate %.4f",
                  cfg.finetune_epochs, cda, asr)
-        return {"epochs": cfg.finetune_epochs, "clean_accuracy": cda, "attack_success_rate": asr,
+        return {"epochs": cfg.finetune_epochs, "clean_accuracy": cda, "attack_success_rate": asr, "robust_accuracy": ra,
                 "seconds": sum(h["seconds"] for h in history), "final_loss": history[-1]["loss"]}
 
 

@@ -12,9 +12,12 @@ weighted sum (Eq. 2):
 upsampled bilinearly to the input size and scaled to ``[0, 1]`` per image. A patch trigger draws
 the attention of a backdoored model (the heatmaps the semantic and frequency-domain papers show
 to argue that their triggers do not). Februus removes the high-attention region of every input and
-restores it; here the region where the heatmap of the predicted class reaches ``threshold`` is
-filled with the mean colour of the defender's clean images, and the check reports the share of
-triggered inputs whose backdoor this removes, with the clean accuracy it costs.
+restores it with an inpainter; here the region where the heatmap of the predicted class reaches
+``threshold`` is removed and restored by OpenCV's inpainting (Telea, "An image inpainting technique
+based on the fast marching method", 2004; radius 3) in place of Februus's GAN, or, the masked-only
+variant, filled with the mean colour of the defender's clean images. Both variants are measured on
+every run: the share of triggered inputs whose backdoor each removes, and the clean accuracy and
+robust accuracy after it.
 """
 
 from __future__ import annotations
@@ -138,6 +141,41 @@ def batched_grad_cam(
     return torch.cat(cams), torch.cat(preds)
 
 
+#: OpenCV's inpainting radius (pixels around the region the fast-marching method reads); its
+#: documentation's and Telea's example value.
+INPAINT_RADIUS = 3
+RESTORATIONS = ("inpaint", "mean")
+
+
+def inpaint(images: Tensor, region: Tensor) -> Tensor:
+    """Februus's restoration step: fill ``region`` of each image from the pixels around it with
+    OpenCV's Telea inpainting (per image, on 8-bit pixels).
+
+    Args:
+        images: ``(N, C, H, W)`` (``C`` 1 or 3), uint8 or float in ``[0, 1]``.
+        region: ``(N, H, W)`` bool, the pixels to restore.
+
+    Returns:
+        The restored images ``(N, C, H, W)`` float in ``[0, 1]``; pixels outside ``region`` unchanged.
+    """
+    import cv2
+    import numpy as np
+
+    x = to_uint8(images.float()) if images.dtype != torch.uint8 else images
+    if x.shape[1] not in (1, 3):
+        raise ConfigError(f"inpainting needs 1 or 3 channels, got {x.shape[1]}")
+    out = x.clone()
+    hwc = x.permute(0, 2, 3, 1).contiguous().numpy()
+    masks = region.to(torch.uint8).numpy()
+    for i in range(x.shape[0]):
+        if not masks[i].any():
+            continue
+        filled = cv2.inpaint(np.ascontiguousarray(hwc[i]), masks[i], INPAINT_RADIUS, cv2.INPAINT_TELEA)
+        out[i] = torch.from_numpy(filled.reshape(hwc[i].shape)).permute(2, 0, 1)
+    original = to_float(images) if images.dtype == torch.uint8 else images.float()
+    return torch.where(region[:, None], to_float(out), original)
+
+
 def mask_attention(images: Tensor, heatmaps: Tensor, threshold: float, fill: Tensor) -> tuple[Tensor, Tensor]:
     """Februus's removal step: replace the pixels whose heatmap is ``>= threshold`` by ``fill``.
 
@@ -169,6 +207,10 @@ class GradCam(Mitigator):
         examples: image pairs in the figure (default 8).
         clean_images: the defender's clean images (default 200); their mean colour fills the
             removed region.
+        restore: how the removed region is restored: ``"inpaint"`` (default, Februus's step,
+            with OpenCV's inpainting in place of its GAN) or ``"mean"`` (the masked-only variant:
+            the clean images' mean colour). The result's figures are the chosen one's; both are
+            in ``extra["variants"]`` and the table.
         reference: optional folder of a clean reference run on the same data; the figure then
             shows the clean images' heatmaps under the clean model, as the frequency-domain paper's
             Figure 4 does (default: the defended model explains both).
@@ -176,15 +218,16 @@ class GradCam(Mitigator):
         seed: seed of the subsets.
 
     Writes ``figures/gradcam_examples.png`` (clean and triggered images with their heatmaps side by
-    side and the triggered image with its top-attention region removed) and
+    side and the triggered image with its top-attention region removed and restored) and
     ``tables/gradcam.json``.
 
     Result: :class:`MitigationResult` of the removal pipeline (remove the top-attention region of
-    every input, then classify): clean accuracy and ASR after it, the same without it
-    (``original_*``), and ``extra``: ``removal_rate`` (share of triggered inputs sent to the target
-    before removal that are not after it: the Februus check), ``removed_fraction`` (mean share of
-    pixels removed), ``trigger_coverage`` (mean share of the pixels the trigger changed that fall
-    in the removed region), ``layer`` and sizes.
+    every input, restore it, then classify): clean accuracy, ASR and robust accuracy after it, the
+    same without it (``original_*``), and ``extra``: ``removal_rate`` (share of triggered inputs
+    sent to the target before removal that are not after it: the Februus check),
+    ``removed_fraction`` (mean share of pixels removed), ``trigger_coverage`` (mean share of the
+    pixels the trigger changed that fall in the removed region), ``variants`` (the same figures for
+    each restoration), ``layer`` and sizes.
     """
 
     @dataclass(frozen=True)
@@ -195,11 +238,14 @@ class GradCam(Mitigator):
         examples: int = 8
         clean_images: int = 200
         clean_source: CleanSource = "test"
+        restore: str = "inpaint"
         reference: str | None = None
         seed: int = 0
 
         def __post_init__(self) -> None:
             check_source(self.clean_source)
+            if self.restore not in RESTORATIONS:
+                raise ConfigError(f"restore must be one of {', '.join(RESTORATIONS)}, got {self.restore!r}")
             check_positive(self.test_images, "test_images")
             check_positive(self.clean_images, "clean_images")
             check_positive(self.examples, "examples", allow_zero=True)
@@ -232,24 +278,40 @@ class GradCam(Mitigator):
         cam_clean, pred_clean = batched_grad_cam(model, clean_eval.images, layer, progress=self.progress, desc="grad-cam (clean)")
         from veil.train import predict
 
+        def rate(pred: Tensor, labels: Tensor) -> float:
+            return float((pred == labels).float().mean()) if labels.numel() else float("nan")
+
         masked_bad, region_bad = mask_attention(poisoned.images, cam_bad, cfg.threshold, fill)
-        masked_clean, _ = mask_attention(clean_eval.images, cam_clean, cfg.threshold, fill)
-        after_bad = predict(model, masked_bad)
-        after_clean = predict(model, masked_clean)
+        masked_clean, region_clean = mask_attention(clean_eval.images, cam_clean, cfg.threshold, fill)
+        restored = {"mean": (masked_bad, masked_clean),
+                    "inpaint": (inpaint(poisoned.images, region_bad), inpaint(clean_eval.images, region_clean))}
         hit = pred_bad == poisoned.labels
-        removal_rate = float((after_bad[hit] != poisoned.labels[hit]).float().mean()) if bool(hit.any()) else float("nan")
-        orig_asr = float(hit.float().mean()) if len(poisoned) else float("nan")
-        asr = float((after_bad == poisoned.labels).float().mean()) if len(poisoned) else float("nan")
-        orig_cda = float((pred_clean == clean_eval.labels).float().mean())
-        cda = float((after_clean == clean_eval.labels).float().mean())
+        variants: dict[str, dict[str, float]] = {}
+        after: dict[str, Tensor] = {}
+        for name, (bad, good) in restored.items():
+            after[name] = predict(model, bad)
+            variants[name] = {
+                "clean_accuracy": rate(predict(model, good), clean_eval.labels),
+                "attack_success_rate": rate(after[name], poisoned.labels),
+                "robust_accuracy": rate(after[name], source.labels),
+                "removal_rate": rate(after[name][hit], poisoned.labels[hit]) if bool(hit.any()) else float("nan"),
+            }
+            variants[name]["removal_rate"] = 1.0 - variants[name]["removal_rate"]  # share no longer sent to the target
+        chosen = variants[cfg.restore]
+        masked_bad, after_bad = restored[cfg.restore][0], after[cfg.restore]
+        removal_rate, asr, cda = chosen["removal_rate"], chosen["attack_success_rate"], chosen["clean_accuracy"]
+        orig_asr = rate(pred_bad, poisoned.labels)
+        orig_ra = rate(pred_bad, source.labels)
+        orig_cda = rate(pred_clean, clean_eval.labels)
         footprint = (to_float(poisoned.images) - to_float(source.images)).abs().amax(1) > 0.5 / 255  # (N, H, W)
         covered = (footprint & region_bad).flatten(1).sum(1).float()
         size = footprint.flatten(1).sum(1).float()
         has = size > 0
         coverage = float((covered[has] / size[has]).mean()) if bool(has.any()) else float("nan")
         removed_fraction = float(region_bad.float().mean()) if len(poisoned) else float("nan")
-        log.info("grad-cam (%s): removal rate %.4f; ASR %.4f -> %.4f, clean accuracy %.4f -> %.4f",
-                 layer, removal_rate, orig_asr, asr, orig_cda, cda)
+        for name, v in variants.items():
+            log.info("grad-cam (%s, %s): removal rate %.4f; ASR %.4f -> %.4f, clean accuracy %.4f -> %.4f",
+                     layer, name, v["removal_rate"], orig_asr, v["attack_success_rate"], orig_cda, v["clean_accuracy"])
 
         title = run_title(loaded)
         if cfg.examples:
@@ -270,14 +332,15 @@ class GradCam(Mitigator):
             out_dir / "tables" / "gradcam.json",
             {
                 "title": f"Grad-CAM ({layer}) and Februus-style removal: {title}",
-                "columns": ["inputs", "count", "accuracy or ASR % before", "after removal %", "backdoor removed %",
+                "columns": ["restoration", "clean accuracy %", "ASR %", "robust accuracy %", "backdoor removed %",
                             "pixels removed %", "trigger pixels removed %"],
-                "rows": [
-                    ["clean (accuracy)", len(clean_eval), pct(orig_cda), pct(cda), None, None, None],
-                    ["triggered (ASR)", len(poisoned), pct(orig_asr), pct(asr), pct(removal_rate), pct(removed_fraction),
-                     pct(coverage)],
+                "rows": [["none (undefended)", pct(orig_cda), pct(orig_asr), pct(orig_ra), None, None, None]] + [
+                    [_RESTORATION_NAMES[name], pct(v["clean_accuracy"]), pct(v["attack_success_rate"]),
+                     pct(v["robust_accuracy"]), pct(v["removal_rate"]), pct(removed_fraction), pct(coverage)]
+                    for name, v in variants.items()
                 ],
-                "note": f"removed region: heatmap >= {cfg.threshold:g}, filled with the mean colour of {len(clean)} clean images",
+                "note": f"removed region: heatmap >= {cfg.threshold:g}; {len(clean_eval)} clean and {len(poisoned)} "
+                        f"triggered test inputs; mean colour of {len(clean)} clean images; the result is {cfg.restore}'s",
             },
         )
         return MitigationResult(
@@ -286,9 +349,13 @@ class GradCam(Mitigator):
             attack_success_rate=asr,
             original_clean_accuracy=orig_cda,
             original_attack_success_rate=orig_asr,
+            robust_accuracy=chosen["robust_accuracy"],
+            original_robust_accuracy=orig_ra,
             extra={
                 "layer": layer,
                 "threshold": cfg.threshold,
+                "restore": cfg.restore,
+                "variants": variants,
                 "removal_rate": removal_rate,
                 "removed_fraction": removed_fraction,
                 "trigger_coverage": coverage,
@@ -301,6 +368,9 @@ class GradCam(Mitigator):
         )
 
 
+_RESTORATION_NAMES = {"inpaint": f"inpainted (OpenCV Telea, radius {INPAINT_RADIUS})", "mean": "mean colour (masked only)"}
+
+
 def _examples_png(
     clean: Tensor, cam_clean: Tensor, pred_clean: Tensor, labels: Tensor, bad: Tensor, cam_bad: Tensor,
     pred_bad: Tensor, masked: Tensor, pred_masked: Tensor, targets: Tensor, layer: str, title: str,
@@ -311,7 +381,7 @@ def _examples_png(
     plt = pyplot()
     k = clean.shape[0]
     names = ["clean", "Grad-CAM (clean model)" if reference else "Grad-CAM (clean)", "triggered", "Grad-CAM (triggered)",
-             "region removed"]
+             "region removed, restored"]
     fig, axes = plt.subplots(5, k, figsize=(1.25 * k + 0.9, 6.6), squeeze=False)
     for j in range(k):
         cells = [

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from veil.data.base import ImageDataset
-from veil.defenses.base import DefenseConfig, MitigationResult, Mitigator, register_defense
-from veil.defenses.common import check_fraction, check_positive, defender_data, run_title, train_constant
+from veil.defenses.base import DefenseConfig, MitigationResult, Mitigator, register_defense, robust_test
+from veil.defenses.common import check_fraction, check_positive, defender_data, pct, run_title, train_constant
 from veil.errors import ConfigError
 from veil.inference import eval_mode
 from veil.records import atomic_write_json
@@ -173,12 +173,15 @@ class NAD(Mitigator):
         n = max(int(round(cfg.clean_fraction * len(train))), train.num_classes)
         clean, evaluation = defender_data(train, test, n, "train", cfg.seed, self.name)
         poisoned = loaded.attack.poison_test(evaluation)
+        robust = robust_test(loaded.attack, evaluation, poisoned)
 
         def measure(m: nn.Module) -> dict[str, float]:
             with eval_mode(m):
                 cda = float((predict(m, evaluation.images) == evaluation.labels).float().mean())
-                asr = float((predict(m, poisoned.images) == poisoned.labels).float().mean()) if len(poisoned) else float("nan")
-            return {"clean_accuracy": cda, "attack_success_rate": asr}
+                triggered = predict(m, poisoned.images) if len(poisoned) else poisoned.labels
+            asr = float((triggered == poisoned.labels).float().mean()) if len(poisoned) else float("nan")
+            ra = float((triggered == robust.labels).float().mean()) if len(poisoned) else float("nan")
+            return {"clean_accuracy": cda, "attack_success_rate": asr, "robust_accuracy": ra}
 
         before = measure(model)
         log.info("NAD: %d clean training images, layer %s; teacher: %d epochs", len(clean), layer, cfg.teacher_epochs)
@@ -201,8 +204,8 @@ class NAD(Mitigator):
         title = run_title(loaded)
         atomic_write_json(out_dir / "tables" / "nad.json", {
             "title": f"NAD ({layer}, beta {cfg.beta:g}): {title}",
-            "columns": ["model", "clean accuracy %", "attack success rate %"],
-            "rows": [[name, round(100 * m["clean_accuracy"], 2), round(100 * m["attack_success_rate"], 2)]
+            "columns": ["model", "clean accuracy %", "attack success rate %", "robust accuracy %"],
+            "rows": [[name, pct(m["clean_accuracy"]), pct(m["attack_success_rate"]), pct(m["robust_accuracy"])]
                      for name, m in (("backdoored", before), (f"teacher ({cfg.teacher_epochs} epochs of fine-tuning)", after_teacher),
                                      (f"NAD student ({cfg.epochs} epochs)", after))],
             "note": f"{len(clean)} clean training images ({100 * cfg.clean_fraction:g} %); {len(evaluation)} test images, "
@@ -214,6 +217,8 @@ class NAD(Mitigator):
             attack_success_rate=after["attack_success_rate"],
             original_clean_accuracy=before["clean_accuracy"],
             original_attack_success_rate=before["attack_success_rate"],
+            robust_accuracy=after["robust_accuracy"],
+            original_robust_accuracy=before["robust_accuracy"],
             curve=[{"epoch": i + 1, "loss": h["loss"], "attention_loss": h.get("nad_attention_loss")} for i, h in enumerate(history)],
             extra={"layer": layer, "clean_images": len(clean), "teacher": after_teacher,
                    "teacher_final_loss": teacher_history[-1]["loss"], "test_size": len(evaluation),

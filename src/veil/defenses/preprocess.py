@@ -37,6 +37,7 @@ from veil.defenses.base import (
     Mitigator,
     evaluate_pipeline,
     register_defense,
+    robust_test,
     transformed_accuracy,
 )
 from veil.errors import ConfigError
@@ -115,14 +116,17 @@ class JpegDefense(Mitigator):
         cfg = self.config
         model = loaded.model
         poisoned_test = loaded.attack.poison_test(test)
+        robust = robust_test(loaded.attack, test, poisoned_test)
         ref_model = self._reference_model(loaded) if cfg.reference else None
 
         orig_cda, orig_asr = evaluate_pipeline(model, test, poisoned_test)
+        orig_ra = transformed_accuracy(model, robust)
         qualities = list(cfg.qualities) + ([cfg.quality] if cfg.quality not in cfg.qualities else [])
         points: dict[int, dict[str, Any]] = {}
         for q in tqdm(qualities, desc="jpeg sweep", unit="quality", leave=False, disable=not self.progress or None):
             cda, asr = evaluate_pipeline(model, test, poisoned_test, lambda x, q=q: jpeg(x, q))
-            point: dict[str, Any] = {"quality": q, "clean_accuracy": cda, "attack_success_rate": asr}
+            ra = transformed_accuracy(model, robust, lambda x, q=q: jpeg(x, q))
+            point: dict[str, Any] = {"quality": q, "clean_accuracy": cda, "attack_success_rate": asr, "robust_accuracy": ra}
             if ref_model is not None:
                 point["reference_clean_accuracy"] = transformed_accuracy(ref_model, test, lambda x, q=q: jpeg(x, q))
             points[q] = point
@@ -154,6 +158,8 @@ class JpegDefense(Mitigator):
             attack_success_rate=chosen["attack_success_rate"],
             original_clean_accuracy=orig_cda,
             original_attack_success_rate=orig_asr,
+            robust_accuracy=chosen["robust_accuracy"],
+            original_robust_accuracy=orig_ra,
             curve=curve,
             extra={
                 "quality": cfg.quality,
@@ -272,8 +278,10 @@ class AutoencoderDefense(Mitigator):
             device=dev, seed=cfg.seed, progress=self.progress,
         )
         poisoned_test = loaded.attack.poison_test(test)
+        robust = robust_test(loaded.attack, test, poisoned_test)
         orig_cda, orig_asr = evaluate_pipeline(model, test, poisoned_test)
         cda, asr = evaluate_pipeline(model, test, poisoned_test, lambda x: autoencode(ae, x))
+        orig_ra, ra = transformed_accuracy(model, robust), transformed_accuracy(model, robust, lambda x: autoencode(ae, x))
         mse = reconstruction_mse(ae, test.images)
         psnr_db = float(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))))
         log.info("autoencoder: clean accuracy %.4f, attack success rate %.4f (reconstruction PSNR %.2f dB)", cda, asr, psnr_db)
@@ -300,6 +308,8 @@ class AutoencoderDefense(Mitigator):
             attack_success_rate=asr,
             original_clean_accuracy=orig_cda,
             original_attack_success_rate=orig_asr,
+            robust_accuracy=ra,
+            original_robust_accuracy=orig_ra,
             extra={
                 "reconstruction_mse": mse,
                 "reconstruction_psnr_db": psnr_db,
