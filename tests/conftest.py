@@ -46,6 +46,15 @@ def _threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models train faster and reproducibly on one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_synthetic(n: int = 64, num_classes: int = 4, size: int = 32, seed: int = 0) -> ImageDataset:
     """A small random uint8 dataset with balanced labels."""
     g = torch.Generator().manual_seed(seed)

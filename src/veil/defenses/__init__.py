@@ -2,12 +2,14 @@
 
 >>> from veil.defenses import list_defenses
 >>> list_defenses()
-['activation_clustering', 'autoencoder', 'fine_pruning', 'ftd', 'gradcam', 'jpeg', 'nad', 'neural_cleanse', 'spectral_signatures', 'strip']
+['activation_clustering', 'autoencoder', 'fine_pruning', 'ftd', 'gradcam', 'jpeg', 'nad', 'neural_cleanse', 'patch_processing', 'spectral_signatures', 'strip']
 
 Input pre-processing: ``jpeg``, ``autoencoder`` (:mod:`veil.defenses.preprocess`). Model inspection:
 ``neural_cleanse`` (:mod:`~veil.defenses.neural_cleanse`), ``fine_pruning``
 (:mod:`~veil.defenses.fine_pruning`), ``gradcam`` (:mod:`~veil.defenses.gradcam`). Input filtering:
-``strip`` (:mod:`~veil.defenses.strip`). Training-set filtering: ``spectral_signatures``
+``strip`` (:mod:`~veil.defenses.strip`), ``ftd`` (:mod:`~veil.defenses.ftd`), ``patch_processing``
+(:mod:`~veil.defenses.patch_processing`, vision transformers). Distillation: ``nad``
+(:mod:`~veil.defenses.nad`). Training-set filtering: ``spectral_signatures``
 (:mod:`~veil.defenses.spectral_signatures`), ``activation_clustering``
 (:mod:`~veil.defenses.activation_clustering`).
 
@@ -40,6 +42,7 @@ from veil.defenses.ftd import FTD
 from veil.defenses.gradcam import GradCam
 from veil.defenses.nad import NAD
 from veil.defenses.neural_cleanse import NeuralCleanse
+from veil.defenses.patch_processing import PatchProcessing
 from veil.defenses.preprocess import AutoencoderDefense, JpegDefense
 from veil.defenses.spectral_signatures import SpectralSignatures
 from veil.defenses.strip import Strip
@@ -60,6 +63,7 @@ __all__ = [
     "NAD",
     "Mitigator",
     "NeuralCleanse",
+    "PatchProcessing",
     "SpectralSignatures",
     "Strip",
     "create_defense",

@@ -197,6 +197,41 @@ class VisionTransformer(Classifier):
         tokens = self.norm(self.blocks(tokens))
         return tokens[:, 0]
 
+    def processed_forward(self, x: Tensor, order: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """Logits with the patch tokens processed before the position embeddings are added (the
+        patch processing of Doan et al., AAAI 2023).
+
+        Args:
+            x: images ``(B, C, H, W)`` in ``[0, 1]``.
+            order: PatchShuffle, a permutation per image ``(B, N)`` of the ``N`` patches: position
+                ``i`` receives the content of patch ``order[:, i]`` (and keeps its own embedding).
+            keep: PatchDrop, patch indices per image ``(B, K)``: only these patches (each with its
+                own position embedding) and the class token enter the encoder.
+
+        With neither, equals ``forward(x)``.
+        """
+        xn = self.normalize(x)
+        h, w = xn.shape[-2:]
+        p = self.patch_size
+        self.check_image_size((h, w), patch_size=p)
+        tokens = self.patch_embed(xn).flatten(2).transpose(1, 2)  # (B, N, D)
+        b, n, d = tokens.shape
+        pos = self._pos_embed(h // p, w // p)
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:].expand(b, -1, -1)
+        for name, idx in (("order", order), ("keep", keep)):
+            if idx is not None and (idx.dim() != 2 or idx.shape[0] != b or idx.dtype != torch.long
+                                    or bool((idx < 0).any()) or bool((idx >= n).any())):
+                raise ConfigError(f"{name} must be (B, K) patch indices in [0, {n}) for {b} images, got {tuple(idx.shape)}")
+        if order is not None:
+            if order.shape[1] != n:
+                raise ConfigError(f"order must permute all {n} patches, got {order.shape[1]}")
+            tokens = tokens.gather(1, order.to(tokens.device)[..., None].expand(-1, -1, d))
+        tokens = tokens + patch_pos
+        if keep is not None:
+            tokens = tokens.gather(1, keep.to(tokens.device)[..., None].expand(-1, -1, d))
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1) + cls_pos, tokens], 1)
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
 
 @register_model("vit_small")
 class ViTSmall(VisionTransformer):
