@@ -284,10 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     from veil import sweep_cli
+    from veil.defenses.cli import add_card_parser
     from veil.defenses.cli import add_parser as add_defend_parser
 
     sweep_cli.add_parser(sub)
     add_defend_parser(sub)
+    add_card_parser(sub)
     return parser
 
 

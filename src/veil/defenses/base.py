@@ -277,6 +277,12 @@ class Defense:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, **_plain(dataclasses.asdict(self.config))}
 
+    @classmethod
+    def not_applicable(cls, model: nn.Module) -> str | None:
+        """Why this defense cannot run on ``model`` (e.g. a ViT-only defense on a CNN), or
+        ``None`` when it can; the stealth card (:mod:`veil.defenses.card`) skips it then."""
+        return None
+
 
 class Detector(Defense):
     """A defense that flags backdoored models or triggered inputs; :meth:`run` returns a

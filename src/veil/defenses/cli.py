@@ -15,7 +15,12 @@ Defense-specific options go through ``--opt NAME=VALUE`` (values read as Python 
 defaults.
 
 The result goes to ``RUN/defenses/NAME/result.json`` with figures and tables beside it (the HTML
-report shows them). Wired into :mod:`veil.cli` by :func:`add_parser`.
+report shows them).
+
+``veil card RUN [RUN ...] --reference CLEAN_RUN`` runs every applicable defense on each attack run
+and on the clean reference (:mod:`veil.defenses.card`); with ``--out DIR`` it also writes the attacks
+x defenses matrix and an HTML report over the runs there. Wired into :mod:`veil.cli` by
+:func:`add_parser` and :func:`add_card_parser`.
 """
 
 from __future__ import annotations
@@ -105,4 +110,63 @@ def cmd_defend(args: argparse.Namespace) -> int:
     )
     out = args.out if getattr(args, "out", None) else defense_dir(args.run, args.defense)
     print(f"{args.run}: {args.defense}: {result.summary()} -> {out}/result.json")
+    return 0
+
+
+def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``card`` subcommand."""
+    p = subparsers.add_parser(
+        "card",
+        help="the stealth card: every applicable defense on attack runs and on their clean reference",
+        description="Run every applicable defense on each attack run and on the clean reference; writes "
+                    "RUN/card/card.md and card.json, and with --out the attacks x defenses matrix and an HTML report.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="attack run folder(s)")
+    p.add_argument("--reference", default=None, metavar="CLEAN_RUN", help="clean run on the same data (required)")
+    p.add_argument("--defenses", default=None, metavar="A,B,...", help="defenses to run (default: every applicable one)")
+    p.add_argument("--opt", action="append", type=_option, default=[], metavar="DEFENSE.NAME=VALUE",
+                   help="a defense's option, repeatable (e.g. --opt strip.superimpose=50)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the matrix (card_matrix.md) and card.html")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one recorded in each run)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on a stratified subset of N test images")
+    p.add_argument("--rerun", action="store_true", help="run every defense again, even where a result with the same options exists")
+    p.set_defaults(func=cmd_card)
+    return p
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    """Write each run's card (and the matrix with --out); print the cards."""
+    from pathlib import Path
+
+    from veil.defenses.card import card_markdown, card_matrix, make_card
+    from veil.errors import ConfigError
+    from veil.records import atomic_write_bytes, atomic_write_json
+    from veil.train import resolve_device
+
+    options: dict[str, dict[str, Any]] = {}
+    for key, value in args.opt:
+        defense, dot, name = key.partition(".")
+        if not dot or not defense or not name:
+            raise ConfigError(f"card options read DEFENSE.NAME=VALUE (e.g. strip.superimpose=50), got {key!r}")
+        options.setdefault(defense, {})[name] = value
+    defenses = [d for d in args.defenses.replace(" ", "").split(",") if d] if args.defenses else None
+    cards = []
+    for run in args.runs:
+        card = make_card(run, args.reference, defenses=defenses, options=options, device=resolve_device(args.device),
+                         data_root=args.data_root, test_subset=args.test_subset, rerun=args.rerun,
+                         progress=not getattr(args, "quiet", False))
+        cards.append(card)
+        print(card_markdown(card))
+    if args.out:
+        from veil.report.html import write_report
+
+        out = Path(args.out)
+        matrix = card_matrix(cards)
+        atomic_write_json(out / "card_matrix.json", matrix)
+        lines = ["| " + " | ".join(matrix["columns"]) + " |", "|" + "---|" * len(matrix["columns"])]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in matrix["rows"]]
+        atomic_write_bytes(out / "card_matrix.md", ("\n".join([f"# {matrix['title']}", "", *lines, ""])).encode("utf-8"))
+        write_report([*args.runs, args.reference], out / "card.html", title="veil stealth cards", tables=[matrix])
+        print(f"matrix -> {out / 'card_matrix.md'}, report -> {out / 'card.html'}")
     return 0

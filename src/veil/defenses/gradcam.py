@@ -255,6 +255,11 @@ class GradCam(Mitigator):
 
     config: Config
 
+    @classmethod
+    def not_applicable(cls, model: nn.Module) -> str | None:
+        # a ViT's stages are token sequences, not the (B, C, h, w) maps Grad-CAM reads
+        return "needs convolutional feature maps" if callable(getattr(model, "processed_forward", None)) else None
+
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> MitigationResult:
         cfg = self.config
         model = loaded.model

@@ -149,6 +149,11 @@ class NAD(Mitigator):
 
     config: Config
 
+    @classmethod
+    def not_applicable(cls, model: nn.Module) -> str | None:
+        # a ViT's stages are token sequences, not the (B, C, h, w) maps attention distillation reads
+        return "needs convolutional feature maps" if callable(getattr(model, "processed_forward", None)) else None
+
     def _train(self, model: nn.Module, clean: ImageDataset, epochs: int, hooks: list[TrainHook]) -> list[dict[str, Any]]:
         """``epochs`` of SGD on ``clean``: the official step schedule as two constant-rate phases."""
         cfg = self.config

@@ -167,6 +167,10 @@ class PatchProcessing(Detector):
 
     config: Config
 
+    @classmethod
+    def not_applicable(cls, model: nn.Module) -> str | None:
+        return None if callable(getattr(model, "processed_forward", None)) else "needs a vision transformer"
+
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> DetectionResult:
         cfg = self.config
         model = loaded.model
