@@ -324,6 +324,46 @@ def test_februus_restoration_removes_the_planted_backdoor_and_keeps_clean_images
     assert inpainted >= planted.accuracy() - 0.05 and inpainted >= mean_filled
 
 
+# ---------------------------------------------------------------------- MNTD
+def test_mntd_meta_classifier_flags_the_planted_backdoor_and_resumes(planted, tmp_path):
+    from veil.defenses.mntd import fit_meta, load_shadow, meta_score, train_shadows
+
+    def make(seed: int) -> TinyNet:
+        torch.manual_seed(seed)
+        return TinyNet()
+
+    clean, evaluation = colours(600, seed=11), colours(120, seed=12)
+    tc = TrainConfig(batch_size=32, lr=0.05, augment=False, warmup_epochs=0.5)
+    shadows = train_shadows(make, clean, evaluation, 12, 4, tmp_path, {"test": 1}, seed=0, train_config=tc)
+    assert [s["label"] for s in shadows] == [0, 1] * 12 and len(list(tmp_path.glob("shadow*.safetensors"))) == 24
+    backdoored = [s["asr"] for s in shadows if s["label"]]
+    assert sum(a > 0.8 for a in backdoored) >= 8  # most random synthetic backdoors are learned
+    models = [load_shadow(make, tmp_path, s) for s in shadows]
+    held = [i for i in range(24) if i >= 18]  # the last three of each kind
+    train_idx = [i for i in range(24) if i < 18]
+    meta = fit_meta([models[i] for i in train_idx], [shadows[i]["label"] for i in train_idx], 10, 50, 1e-3,
+                    (3, SIZE, SIZE), CLASSES, seed=0)
+    scores = torch.tensor([meta_score(meta, models[i]) for i in held])
+    labels = torch.tensor([shadows[i]["label"] for i in held])
+    assert auroc(scores[labels == 1], scores[labels == 0]) >= 0.8
+    clean_model = make(99)
+    Trainer(clean_model, colours(600, seed=1), TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=False, seed=0,
+                                                           checkpoint_every=0, warmup_epochs=0.5),
+            device="cpu", progress=False).fit()
+    assert meta_score(meta, planted.model) > 0.5 > meta_score(meta, clean_model.eval())
+    # resumes shadow by shadow: a lost shadow is retrained, the others are read back
+    (tmp_path / "shadow0003.safetensors").unlink()
+    import json
+
+    info = json.loads((tmp_path / "shadows.json").read_text())
+    info["shadows"] = [s for s in info["shadows"] if s["index"] != 3]
+    (tmp_path / "shadows.json").write_text(json.dumps(info))
+    again = train_shadows(make, clean, evaluation, 12, 4, tmp_path, {"test": 1}, seed=0, train_config=tc)
+    assert again == shadows and (tmp_path / "shadow0003.safetensors").exists()
+    with pytest.raises(ConfigError, match="other settings"):
+        train_shadows(make, clean, evaluation, 12, 4, tmp_path, {"test": 2}, seed=0, train_config=tc)
+
+
 # ---------------------------------------------------------------------- the defender's data
 def test_defender_data_is_stratified_seeded_and_checked(planted):
     train, test = planted.train, planted.test

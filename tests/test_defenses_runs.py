@@ -35,6 +35,7 @@ TINY: dict[str, dict] = {
     "activation_clustering": {"clean_images": 86},
     "ftd": {"clean_images": 86, "epochs": 1, "test_images": 20},
     "nad": {"clean_fraction": 0.2, "epochs": 2, "teacher_epochs": 1, "lr_drop_epoch": 1, "batch_size": 32},
+    "mntd": {"shadow_models": 2, "shadow_images": 86, "shadow_epochs": 1, "queries": 2, "meta_epochs": 2},
 }
 FIGURES = {
     "neural_cleanse": ["neural_cleanse_norms.png", "neural_cleanse_triggers.png"],
@@ -45,6 +46,7 @@ FIGURES = {
     "activation_clustering": ["activation_clustering.png"],
     "nad": [],
     "ftd": [],
+    "mntd": [],
 }
 
 
@@ -137,6 +139,10 @@ def test_results_carry_the_numbers_each_paper_reports(runs):
     ftd = load_result(bad / "defenses" / "ftd" / "result.json")
     assert {"accuracy", "tpr", "fpr", "auroc"} <= set(ftd.metrics) and ftd.extra["triggered_test_inputs"] == 20
     assert ftd.score == ftd.metrics["accuracy"] and 0 <= ftd.score <= 1
+    mntd = load_result(bad / "defenses" / "mntd" / "result.json")
+    assert mntd.threshold == 0.5 and 0 <= mntd.score <= 1 and mntd.detected == (mntd.score > 0.5)
+    assert mntd.extra["scale"]["shadow_models_per_kind"] == 2 and len(mntd.extra["heldout_scores"]) == 2
+    assert len(mntd.extra["shadow_accuracy"]) == 4 and len(mntd.extra["shadow_asr"]) == 2
     clean = load_result(runs["none"] / "defenses" / "spectral_signatures" / "result.json")
     assert clean.extra["poisoned_count"] == 0 and math.isnan(clean.metrics["tpr"])  # no poison
     assert load_result(runs["none"] / "defenses" / "neural_cleanse" / "result.json").metrics == {}

@@ -2,10 +2,10 @@
 
 >>> from veil.defenses import list_defenses
 >>> list_defenses()
-['activation_clustering', 'autoencoder', 'fine_pruning', 'ftd', 'gradcam', 'jpeg', 'nad', 'neural_cleanse', 'patch_processing', 'spectral_signatures', 'strip']
+['activation_clustering', 'autoencoder', 'fine_pruning', 'ftd', 'gradcam', 'jpeg', 'mntd', 'nad', 'neural_cleanse', 'patch_processing', 'spectral_signatures', 'strip']
 
 Input pre-processing: ``jpeg``, ``autoencoder`` (:mod:`veil.defenses.preprocess`). Model inspection:
-``neural_cleanse`` (:mod:`~veil.defenses.neural_cleanse`), ``fine_pruning``
+``mntd`` (:mod:`~veil.defenses.mntd`), ``neural_cleanse`` (:mod:`~veil.defenses.neural_cleanse`), ``fine_pruning``
 (:mod:`~veil.defenses.fine_pruning`), ``gradcam`` (:mod:`~veil.defenses.gradcam`). Input filtering:
 ``strip`` (:mod:`~veil.defenses.strip`), ``ftd`` (:mod:`~veil.defenses.ftd`), ``patch_processing``
 (:mod:`~veil.defenses.patch_processing`, vision transformers). Distillation: ``nad``
@@ -40,6 +40,7 @@ from veil.defenses.base import (
 from veil.defenses.fine_pruning import FinePruning
 from veil.defenses.ftd import FTD
 from veil.defenses.gradcam import GradCam
+from veil.defenses.mntd import MNTD
 from veil.defenses.nad import NAD
 from veil.defenses.neural_cleanse import NeuralCleanse
 from veil.defenses.patch_processing import PatchProcessing
@@ -59,6 +60,7 @@ __all__ = [
     "FinePruning",
     "GradCam",
     "JpegDefense",
+    "MNTD",
     "MitigationResult",
     "NAD",
     "Mitigator",
