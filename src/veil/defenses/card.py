@@ -70,6 +70,16 @@ def cell_text(result: MitigationResult | DetectionResult) -> str:
     return verdict + (" (" + ", ".join(shown[:3]) + ")" if shown else "")
 
 
+def cell_short(result: MitigationResult | DetectionResult) -> str:
+    """A matrix cell: a mitigator's ASR and clean accuracy after it; a detector's verdict and its
+    first figure."""
+    if isinstance(result, MitigationResult):
+        return f"ASR {_f(result.attack_success_rate)} / CDA {_f(result.clean_accuracy)}"
+    m = result.metrics
+    first = next((f"{k.upper()} {_f(m[k])}" for k in ("tpr", "auroc", "accuracy") if k in m), None)
+    return ("detected" if result.detected else "not detected") + (f", {first}" if first else "")
+
+
 def _apply(name: str, run_dir: Path, options: dict[str, Any], rerun: bool, **kw: Any) -> tuple[Any, bool]:
     """The defense's result on a run, reused from ``RUN/defenses/NAME`` when its options match."""
     path = defense_dir(run_dir, name) / RESULT_FILE
@@ -157,7 +167,8 @@ def make_card(
         opts = options.get(name, {})
         for side, path in (("attack", run_path), ("clean", ref_path)):
             result, reused = _apply(name, path, opts, rerun, **kw)
-            row[side] = {"text": cell_text(result), "seconds": result.seconds, "reused": reused, **_figures(result)}
+            row[side] = {"text": cell_text(result), "short": cell_short(result), "seconds": result.seconds,
+                         "reused": reused, **_figures(result)}
             log.info("card: %s on the %s run: %s", name, side, row[side]["text"])
         rows.append(row)
     card = {
@@ -222,7 +233,7 @@ def card_matrix(cards: Sequence[dict[str, Any]]) -> dict[str, Any]:
             elif "skipped" in r:
                 row.append("n/a")
             else:
-                row.append(f"{r['attack']['text']} [{_f(r['attack']['seconds'], 0)} s]")
+                row.append(f"{r['attack']['short']} [{_f(r['attack']['seconds'], 0)} s]")
         rows.append(row)
     return {"title": "stealth cards: attacks x defenses (figure on the attack run [time])",
             "columns": ["attack (model)", "clean model's ASR", *names], "rows": rows,
