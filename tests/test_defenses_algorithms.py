@@ -84,6 +84,18 @@ def colours(n: int, seed: int) -> ImageDataset:
     return ImageDataset(to_uint8(x.clamp(0, 1)), labels, [str(c) for c in range(CLASSES)], "colours", hflip=False)
 
 
+def plant(train: ImageDataset, count: int) -> PoisonedDataset:
+    """``train`` with the checkerboard on ``count`` seeded rows of the other labels, relabelled to
+    the target."""
+    g = torch.Generator().manual_seed(3)
+    eligible = torch.nonzero(train.labels != TARGET).flatten()
+    idx = eligible[torch.randperm(eligible.numel(), generator=g)[:count]].sort().values
+    images, labels = train.images.clone(), train.labels.clone()
+    images[idx] = to_uint8(stamp(to_float(train.images[idx])))
+    labels[idx] = TARGET
+    return PoisonedDataset(images, labels, train.classes, "planted", False, poison_indices=idx, original_labels=train.labels)
+
+
 class Planted:
     """The trained tiny backdoored model and its data."""
 
@@ -92,16 +104,9 @@ class Planted:
         train = colours(600, seed=1)
         self.test = colours(300, seed=2)
         # 20 poisoned images (a minority of label 0's 120 rows) from the other labels
-        g = torch.Generator().manual_seed(3)
-        eligible = torch.nonzero(train.labels != TARGET).flatten()
-        idx = eligible[torch.randperm(eligible.numel(), generator=g)[:20]].sort().values
-        images, labels = train.images.clone(), train.labels.clone()
-        images[idx] = to_uint8(stamp(to_float(train.images[idx])))
-        labels[idx] = TARGET
-        self.train = PoisonedDataset(images, labels, train.classes, "planted", False, poison_indices=idx,
-                                     original_labels=train.labels)
+        self.train = plant(train, 20)
         self.is_poison = torch.zeros(len(train), dtype=torch.bool)
-        self.is_poison[idx] = True
+        self.is_poison[self.train.poison_indices] = True
         self.model = TinyNet()
         cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=False, seed=0, checkpoint_every=0, warmup_epochs=0.5)
         Trainer(self.model, self.train, cfg, device="cpu", progress=False).fit()

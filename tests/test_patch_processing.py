@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_defenses_algorithms import CLASSES, SIZE, TARGET, colours, stamp
-from veil.data.base import PoisonedDataset, to_float, to_uint8
+from test_defenses_algorithms import CLASSES, SIZE, TARGET, colours, plant, stamp
+from veil.data.base import to_float, to_uint8
 from veil.defenses import run_defense
 from veil.defenses.patch_processing import calibrate, flag, patch_scores
 from veil.errors import ConfigError
@@ -26,13 +26,7 @@ class PlantedViT:
     def __init__(self) -> None:
         torch.manual_seed(0)
         train, self.test = colours(600, seed=1), colours(300, seed=2)
-        g = torch.Generator().manual_seed(3)
-        eligible = torch.nonzero(train.labels != TARGET).flatten()
-        idx = eligible[torch.randperm(eligible.numel(), generator=g)[:40]].sort().values
-        images, labels = train.images.clone(), train.labels.clone()
-        images[idx] = to_uint8(stamp(to_float(train.images[idx])))
-        labels[idx] = TARGET
-        data = PoisonedDataset(images, labels, train.classes, "planted", False, poison_indices=idx, original_labels=train.labels)
+        data = plant(train, 40)
         self.model = VisionTransformer(CLASSES, width=32, image_size=SIZE, patch_size=4, depth=2, num_heads=2)
         cfg = TrainConfig(epochs=6, batch_size=32, lr=0.003, optimizer="adam", weight_decay=0.0, augment=False, seed=0,
                           checkpoint_every=0, warmup_epochs=0.0)

@@ -128,6 +128,20 @@ def seeded_rows(n_total: int, k: int, seed: int) -> Tensor:
     return torch.randperm(n_total, generator=g)[: min(k, n_total)].sort().values
 
 
+def input_detection_sets(
+    loaded: LoadedRun, train: ImageDataset, test: ImageDataset, clean_images: int, clean_source: CleanSource,
+    test_images: int, seed: int, defense: str,
+) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """What an input-level detector (STRIP, FTD, patch processing) reads: the defender's clean
+    images (:func:`defender_data`), up to ``test_images`` clean evaluation inputs and up to
+    ``test_images`` of the attack's triggered evaluation inputs (seeds ``seed + 1`` and ``seed + 2``)."""
+    clean, evaluation = defender_data(train, test, clean_images, clean_source, seed, defense)
+    clean_test = evaluation.subset(seeded_rows(len(evaluation), test_images, seed + 1))
+    # triggered inputs: non-target evaluation images with the attack's test-time trigger
+    poisoned_all = loaded.attack.poison_test(evaluation)
+    return clean, clean_test, poisoned_all.subset(seeded_rows(len(poisoned_all), test_images, seed + 2))
+
+
 # ---------------------------------------------------------------------- batched inference
 def batched_logits(model: nn.Module, images: Tensor, batch_size: int = 256, desc: str = "logits", progress: bool = False) -> Tensor:
     """Logits ``(N, num_classes)`` (float32, CPU) of uint8 or float ``[0, 1]`` images ``(N, C, H, W)``,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from veil.data.base import ImageDataset, to_float
 from veil.defenses.base import DefenseConfig, DetectionResult, Detector, register_defense
-from veil.defenses.common import auroc, check_positive, check_source, defender_data, run_title, seeded_rows
+from veil.defenses.common import auroc, check_positive, check_source, input_detection_sets, run_title
 from veil.errors import ConfigError
 from veil.inference import eval_mode
 from veil.records import atomic_write_json
@@ -184,10 +184,8 @@ class FTD(Detector):
 
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> DetectionResult:
         cfg = self.config
-        clean, evaluation = defender_data(train, test, cfg.clean_images, cfg.clean_source, cfg.seed, self.name)
-        clean_test = evaluation.subset(seeded_rows(len(evaluation), min(cfg.test_images, len(evaluation)), cfg.seed + 1))
-        poisoned_all = loaded.attack.poison_test(evaluation)
-        poisoned = poisoned_all.subset(seeded_rows(len(poisoned_all), min(cfg.test_images, len(poisoned_all)), cfg.seed + 2))
+        clean, clean_test, poisoned = input_detection_sets(loaded, train, test, cfg.clean_images, cfg.clean_source,
+                                                           cfg.test_images, cfg.seed, self.name)
         log.info("ftd: detector on %d clean images (half with synthetic triggers), %d epochs", len(clean), cfg.epochs)
         net = self.fit_detector(clean)
         s_clean, s_bad = self.scores(net, clean_test.images), self.scores(net, poisoned.images)

@@ -40,10 +40,9 @@ from veil.defenses.common import (
     check_fraction,
     check_positive,
     check_source,
-    defender_data,
+    input_detection_sets,
     pct,
     run_title,
-    seeded_rows,
 )
 from veil.errors import ConfigError
 from veil.inference import eval_mode, module_device
@@ -175,10 +174,8 @@ class PatchProcessing(Detector):
         cfg = self.config
         model = loaded.model
         check_vit(model, self.name)
-        clean, evaluation = defender_data(train, test, cfg.clean_images, cfg.clean_source, cfg.seed, self.name)
-        clean_test = evaluation.subset(seeded_rows(len(evaluation), cfg.test_images, cfg.seed + 1))
-        poisoned_all = loaded.attack.poison_test(evaluation)
-        poisoned = poisoned_all.subset(seeded_rows(len(poisoned_all), cfg.test_images, cfg.seed + 2))
+        clean, clean_test, poisoned = input_detection_sets(loaded, train, test, cfg.clean_images, cfg.clean_source,
+                                                           cfg.test_images, cfg.seed, self.name)
         kw = {"trials": cfg.trials, "drop_ratio": cfg.drop_ratio, "progress": self.progress}
         _, cal_drop, cal_shuffle = patch_scores(model, clean.images, seed=cfg.seed + 3, desc="patch processing (calibration)", **kw)
         y_clean, drop_clean, shuffle_clean = patch_scores(model, clean_test.images, seed=cfg.seed + 4,

@@ -39,12 +39,11 @@ from veil.defenses.common import (
     check_fraction,
     check_positive,
     check_source,
-    defender_data,
+    input_detection_sets,
     figure_png,
     pct,
     pyplot,
     run_title,
-    seeded_rows,
 )
 from veil.errors import ConfigError
 from veil.records import atomic_write_bytes, atomic_write_json
@@ -174,11 +173,8 @@ class Strip(Detector):
 
         cfg = self.config
         model = loaded.model
-        clean, evaluation = defender_data(train, test, cfg.clean_images, cfg.clean_source, cfg.seed, self.name)
-        clean_test = evaluation.subset(seeded_rows(len(evaluation), cfg.test_images, cfg.seed + 1))
-        # triggered inputs: non-target evaluation images with the attack's test-time trigger
-        poisoned_all = loaded.attack.poison_test(evaluation)
-        poisoned = poisoned_all.subset(seeded_rows(len(poisoned_all), cfg.test_images, cfg.seed + 2))
+        clean, clean_test, poisoned = input_detection_sets(loaded, train, test, cfg.clean_images, cfg.clean_source,
+                                                           cfg.test_images, cfg.seed, self.name)
         kw: dict[str, Any] = {"n": cfg.superimpose, "blend": cfg.blend, "progress": self.progress}
         h_cal = strip_entropy(model, clean.images, clean.images, seed=cfg.seed + 3, desc="strip (calibration)", **kw)
         h_clean = strip_entropy(model, clean_test.images, clean.images, seed=cfg.seed + 4, desc="strip (clean)", **kw)
