@@ -13,7 +13,7 @@ from pathlib import Path
 import veil
 
 SRC = Path(veil.__file__).resolve().parent
-CLI_MODULES = {"veil.cli", "veil.sweep_cli", "veil.defenses.cli"}
+CLI_MODULES = {"veil.cli", "veil.__main__", "veil.sweep_cli", "veil.defenses.cli"}
 
 
 def _modules() -> dict[str, Path]:

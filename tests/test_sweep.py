@@ -17,6 +17,7 @@ import yaml
 
 import veil.experiment
 from veil import sweep as sw
+from veil import sweep_exec as sx
 from veil.errors import ConfigError
 from veil.records import RunRecord
 
@@ -103,7 +104,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     path = write_yaml(root / "cfg", grid_spec())
     sweep = sw.load_sweep(path)
-    result = sw.run_sweep(sweep, progress=False)
+    result = sx.run_sweep(sweep, progress=False)
     return sweep, result
 
 
@@ -161,7 +162,7 @@ def test_rerun_skips_finished_points(finished, monkeypatch, capsys):
     sweep, _ = finished
     mtimes = {n: os.stat(Path(c.out) / "metrics.json").st_mtime_ns for n, c in sweep.points()}
     monkeypatch.setattr(veil.experiment, "run_experiment", no_training)
-    result = sw.run_sweep(sweep, progress=False)
+    result = sx.run_sweep(sweep, progress=False)
     assert [p.status for p in result.points] == ["skipped"] * 4
     assert {n: os.stat(Path(c.out) / "metrics.json").st_mtime_ns for n, c in sweep.points()} == mtimes
     assert cli([str(sweep.source)]) == 0
@@ -181,7 +182,7 @@ def test_rerun_skips_finished_points(finished, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"grdi": {}}, "unknown key 'grdi'; valid keys: name, description, out, base, grid, runs, table"),
+        ({"grdi": {}}, "unknown key 'grdi'; valid keys: name, description, out, base, grid, runs, seeds, defenses, table"),
         ({"base": {**TINY, "attack": "none", "epoch": 2}}, "unknown RunConfig field 'epoch'"),
         ({"base": {**TINY, "poison-rate": 0.1}}, "did you mean 'poison_rate'"),
         ({"grid": {"attack": ["none"], "poison_rate": [0.1, 0]}}, "poison rate 0 is outside (0, 1]"),
@@ -203,7 +204,7 @@ def test_bad_sweep_files_fail_before_training(tmp_path, monkeypatch, change, exp
     monkeypatch.setattr(veil.experiment, "run_experiment", no_training)
     path = write_yaml(tmp_path, grid_spec(**change))
     with pytest.raises(ConfigError) as info:
-        sw.run_sweep(sw.load_sweep(path), progress=False)
+        sx.run_sweep(sw.load_sweep(path), progress=False)
     assert expected in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -232,7 +233,7 @@ def test_missing_inputs_fail_before_training(tmp_path, monkeypatch):
     sweep = sw.load_sweep(path)
     assert sweep.points()[0][1].data_root == str(tmp_path / "no-such-data")
     with pytest.raises(ConfigError, match="data folder .*no-such-data does not exist"):
-        sw.run_sweep(sweep, progress=False)
+        sx.run_sweep(sweep, progress=False)
     # path-valued settings and attack options (names ending in _run, _path, ...) resolve against the
     # YAML file's folder; absolute paths stay
     flat = {"lpips_weights": "../w", "cache_dir": "/abs/cache", "attack_options.reference_run": "../clean",
@@ -252,7 +253,7 @@ def test_missing_reference_run_fails_before_training(tmp_path, monkeypatch):
     spec["base"] = {**TINY, "attack": "frequency", "attack_options": {"reference_run": "../no-clean-run"}}
     sweep = sw.load_sweep(write_yaml(tmp_path / "cfg", spec))
     with pytest.raises(ConfigError, match=r"reference_run = .*no-clean-run is not a finished run"):
-        sw.run_sweep(sweep, progress=False)
+        sx.run_sweep(sweep, progress=False)
     assert not sweep.out.exists()
 
 
@@ -278,7 +279,7 @@ def test_stop_on_first_failure_or_keep_going(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(veil.experiment, "run_experiment", flaky)
     path = write_yaml(tmp_path, grid_spec(base={**TINY, "seed": 7}))
-    result = sw.run_sweep(sw.load_sweep(path), progress=False)
+    result = sx.run_sweep(sw.load_sweep(path), progress=False)
     assert [p.status for p in result.points] == ["trained", "failed", "not run", "not run"]
     assert result.failed[0].error == "boom" and "failed: attack=none,poison_rate=0.2: boom" in result.summary()
     assert seeds == [7, 7]
@@ -314,7 +315,7 @@ def test_runs_list_times_grid_and_dotted_attack_options(tmp_path, monkeypatch):
         "model=resnet18,patch_size=4,width=8",
     ]
     assert sweep.points()[3][1].attack_options == {"patch_size": 4}
-    result = sw.run_sweep(sweep, progress=False)
+    result = sx.run_sweep(sweep, progress=False)
     assert result.ok
     assert result.table["columns"][1:3] == ["model=preact_resnet18, width=4 CDA %", "model=preact_resnet18, width=4 PSNR"]
     assert result.table["rows"][0][2] == "30.00"
@@ -326,7 +327,7 @@ def test_report_renders_extra_tables_escaped(tmp_path, monkeypatch):
     monkeypatch.setattr(veil.experiment, "run_experiment", fake_run)
     spec = grid_spec(grid={"attack": ["badnets"], "poison_rate": [0.1]}, table={"rows": "poison_rate", "columns": ["attack"], "title": "<T&1>"})
     sweep = sw.load_sweep(write_yaml(tmp_path, spec))
-    result = sw.run_sweep(sweep, progress=False)
+    result = sx.run_sweep(sweep, progress=False)
     page = result.files["report"].read_text()
     assert "&lt;T&amp;1&gt;" in page and "<T&1>" not in page
     assert 'colspan="2"' in page and "CDA %" in page and "60.00" in page
@@ -341,19 +342,19 @@ def test_edited_sweep_file_does_not_reuse_stale_runs(tmp_path, monkeypatch, caps
     monkeypatch.setattr(veil.experiment, "run_experiment", fake_run)
     spec = grid_spec()
     path = write_yaml(tmp_path, spec)
-    assert sw.run_sweep(sw.load_sweep(path), progress=False).ok
+    assert sx.run_sweep(sw.load_sweep(path), progress=False).ok
     spec["base"] = {**TINY, "epochs": 2}  # edited after the runs finished
     write_yaml(tmp_path, spec)
     monkeypatch.setattr(veil.experiment, "run_experiment", no_training)
     with pytest.raises(ConfigError, match=r"4 point folder\(s\) hold runs recorded with other settings.*\(epochs\)"):
-        sw.run_sweep(sw.load_sweep(path), progress=False)
+        sx.run_sweep(sw.load_sweep(path), progress=False)
     with pytest.raises(ConfigError, match="pass --overwrite"):
         cli([str(path), "--dry-run"])
     assert "changed (epochs)  refuse" in capsys.readouterr().out
     # a changed device is not a different run
     spec["base"] = {**TINY, "device": "auto"}
     write_yaml(tmp_path, spec)
-    assert [p.status for p in sw.run_sweep(sw.load_sweep(path), progress=False).points] == ["skipped"] * 4
+    assert [p.status for p in sx.run_sweep(sw.load_sweep(path), progress=False).points] == ["skipped"] * 4
 
 
 def test_attack_metrics_are_table_columns(tmp_path):

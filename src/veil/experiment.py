@@ -60,7 +60,7 @@ def seed_everything(seed: int) -> None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """veil version, git sha of the source checkout (if any) and whether veil's source differs from
-    it, torch version and device."""
+    it, torch version and device, and :func:`execution`."""
     sha, dirty = None, None
     src = Path(veil.__file__).resolve().parent
     try:
@@ -84,7 +84,17 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "execution": execution(),
     }
+
+
+def execution() -> dict[str, Any]:
+    """Where the run ran: host, process, the executor and its job or task id (SLURM's array task,
+    a Ray task, a ``veil sweep --jobs`` worker), and the visible devices."""
+    from veil.claims import worker_identity
+
+    return {**worker_identity(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cuda_device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
 
 
 #: files and folders of a run record (what overwriting a run replaces); metrics first, so that a
@@ -217,8 +227,13 @@ def json_roundtrip(obj: Any) -> Any:
 
 
 def _lpips_model(config: RunConfig, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
-    from veil.metrics.lpips import load_lpips
+    from veil.metrics.lpips import _MIN_SIDE_ALEX, load_lpips
 
+    if config.lpips_net == "alex" and config.image_size < _MIN_SIDE_ALEX:  # found after training, not before
+        note = (f"LPIPS (alex) needs images of at least {_MIN_SIDE_ALEX}x{_MIN_SIDE_ALEX} pixels; this run's are "
+                f"{config.image_size}x{config.image_size}")
+        log.warning("LPIPS not computed: %s", note)
+        return None, note
     try:
         return load_lpips(config.lpips_weights, device=device, download=config.download, net=config.lpips_net), None
     except (FileNotFoundError, OSError) as exc:  # OSError: a failed download

@@ -21,6 +21,8 @@ e.g. Table 3 of Hammoud & Ghanem (2021) -- rows are poison counts ``|I_P|``, one
     runs:                                  # optional explicit override sets; with grid: runs x grid
       - {model: preact_resnet18, width: 16}
       - {model: vgg16, width: 32}
+    seeds: [0, 1, 2]                       # optional: every point once per seed; cells mean ± std (n)
+    defenses: [neural_cleanse, strip]      # optional: run on each finished point; figures as columns
     table:                                 # optional
       rows: poison_count                   # one row per value of this key
       columns: [model]                     # a column group per value of these keys (may be [])
@@ -29,7 +31,8 @@ e.g. Table 3 of Hammoud & Ghanem (2021) -- rows are poison counts ``|I_P|``, one
 
 Rules:
 
-- Top-level keys: ``name``, ``description``, ``out``, ``base``, ``grid``, ``runs``, ``table``;
+- Top-level keys: ``name``, ``description``, ``out``, ``base``, ``grid``, ``runs``, ``seeds``,
+  ``defenses``, ``table``;
   anything else is a :class:`~veil.errors.ConfigError` naming the key and listing the valid ones.
   Likewise an unknown RunConfig field anywhere, an empty or non-list grid entry, and a value of the
   wrong type (``epochs: four``). ``out``, ``overwrite`` and ``progress`` belong to the sweep and the
@@ -50,12 +53,13 @@ Rules:
   is loaded, and the data folders and reference runs are checked to exist before the first point
   trains, so a typo fails in a second, not after an hour.
 
-Running (:func:`run_sweep`, ``veil sweep FILE``) trains the points in order with the same seeding as
+Running (:func:`veil.sweep_exec.run_sweep`, ``veil sweep FILE``) trains the points in order with the same seeding as
 ``veil run``, skips points whose folder already holds a finished run, resumes interrupted ones from
 their checkpoint, stops at the first failing point (``--keep-going`` carries on and lists the
 failures), and writes ``OUT/sweep_table.json``, ``OUT/sweep_table.md`` and ``OUT/report.html`` (the
 HTML report over the finished points with the sweep table at the top). ``OUT/sweep.json`` records
-the resolved sweep.
+the resolved sweep. Where the points run (this process, worker processes, Ray, SLURM) and how
+workers share them is :mod:`veil.sweep_exec` and :mod:`veil.claims` (``docs/sweeps.md``).
 """
 
 from __future__ import annotations
@@ -68,7 +72,6 @@ import logging
 import math
 import os
 import re
-import time
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,12 +92,11 @@ __all__ = [
     "TableSpec",
     "load_sweep",
     "parse_sweep",
-    "run_sweep",
     "sweep_table",
     "table_markdown",
 ]
 
-TOP_LEVEL_KEYS = ("name", "description", "out", "base", "grid", "runs", "table")
+TOP_LEVEL_KEYS = ("name", "description", "out", "base", "grid", "runs", "seeds", "defenses", "table")
 TABLE_KEYS = ("rows", "columns", "metrics", "title")
 #: RunConfig fields the sweep itself sets (from its ``out`` folder and the command line)
 RESERVED_FIELDS = {
@@ -148,12 +150,47 @@ DEFAULT_METRICS = ("clean_accuracy", "attack_success_rate")
 ATTACK_METRICS_PREFIX = "attack_metrics."
 
 
+#: prefix of a sweep defense's figures (``defenses.NAME.FIGURE``, see :func:`defense_metrics`)
+DEFENSE_PREFIX = "defenses."
+_DEFENSE_FIGURES = {
+    "attack_success_rate": ("ASR %", "percent"),
+    "clean_accuracy": ("CDA %", "percent"),
+    "robust_accuracy": ("RA %", "percent"),
+    "defense_effectiveness_rate": ("DER", ".3f"),
+    "detected": ("detected", "yesno"),
+    "score": ("score", ".3f"),
+    "auroc": ("AUROC", ".3f"),
+}
+
+
 def metric_spec(name: str) -> tuple[str, str]:
-    """(column label, format) of a table metric: :data:`METRICS`, or for
-    ``attack_metrics.NAME`` the label ``NAME`` and 4 significant digits."""
+    """(column label, format) of a table metric: :data:`METRICS`; for ``attack_metrics.NAME`` the
+    label ``NAME`` and 4 significant digits; for ``defenses.DEFENSE.FIGURE`` ``DEFENSE FIGURE``."""
     if name in METRICS:
         return METRICS[name]
+    if name.startswith(DEFENSE_PREFIX):
+        defense, _, figure = name[len(DEFENSE_PREFIX):].rpartition(".")
+        label, kind = _DEFENSE_FIGURES.get(figure, (figure, ".4g"))
+        return (f"{defense} {label}", kind)
     return (name[len(ATTACK_METRICS_PREFIX) :], ".4g")
+
+
+def defense_metrics(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, Any] | None] | None = None) -> list[str]:
+    """The table metrics of the sweep's defenses: a mitigator's ASR and clean accuracy after it, a
+    detector's verdict and score, and its AUROC where a finished point's result has one."""
+    from veil.defenses import DEFENSES
+    from veil.defenses.base import Mitigator
+
+    names = []
+    for d in sweep.defenses:
+        if issubclass(DEFENSES.get(d), Mitigator):
+            figures = ["attack_success_rate", "clean_accuracy"]
+        else:
+            figures = ["detected", "score"]
+            if any(_metric(m, f"{DEFENSE_PREFIX}{d}.auroc") is not None for m in (metrics_by_point or {}).values()):
+                figures.append("auroc")
+        names += [f"{DEFENSE_PREFIX}{d}.{f}" for f in figures]
+    return names
 
 
 #: legend lines under a table for metrics whose label is an abbreviation
@@ -207,6 +244,10 @@ class Sweep:
         source: the YAML file (``None`` when parsed from a mapping without one).
         description: free text from the file.
         recipe: the named recipe the sweep comes from (``veil sweep --recipe``), recorded by every point.
+        seeds: ``seeds:`` in the file: every point runs once per seed (folder ``NAME,seed=S``,
+            sorted in with the other keys), and the table shows mean, standard deviation and n.
+        defenses: ``defenses:`` in the file: defense name -> options, run on every finished point
+            by the worker that ran it (:mod:`veil.sweep_exec`); their figures are table columns.
     """
 
     name: str
@@ -218,6 +259,8 @@ class Sweep:
     source: Path | None = None
     description: str | None = None
     recipe: str | None = None
+    seeds: tuple[int, ...] = ()
+    defenses: dict[str, dict[str, Any]] = field(default_factory=dict)
     # raw (unresolved) override values, used for readable folder names
     _raw_grid: dict[str, list[Any]] = field(default_factory=dict, repr=False, compare=False)
     _raw_runs: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
@@ -243,38 +286,47 @@ class Sweep:
 
     def points(self) -> list[tuple[str, RunConfig]]:
         """Every point as ``(folder name, RunConfig)``, in order (``runs`` entries slowest, then
-        the grid keys in file order). Each RunConfig is validated."""
-        return [(name, config) for name, config, _ in self._points()]
+        the grid keys in file order, then the seeds). Each RunConfig is validated."""
+        return [(name, config) for name, config, _, _ in self._points()]
 
-    def _points(self) -> list[tuple[str, RunConfig, dict[str, Any]]]:
-        result: list[tuple[str, RunConfig, dict[str, Any]]] = []
+    def groups(self) -> dict[str, str]:
+        """Point name -> the name of its group: the point without its seed (itself without ``seeds``)."""
+        return {name: group for name, _, _, group in self._points()}
+
+    def _points(self) -> list[tuple[str, RunConfig, dict[str, Any], str]]:
+        result: list[tuple[str, RunConfig, dict[str, Any], str]] = []
         seen: dict[str, int] = {}
-        for i, (merged, _over, raw) in enumerate(self._point_settings()):
-            name = point_name(raw)
-            if name in seen:
-                raise ConfigError(
-                    f"sweep {self.name!r}: points {seen[name] + 1} and {i + 1} have the same settings ({name}); "
-                    "remove the duplicate from 'runs' or 'grid'"
-                )
-            seen[name] = i
-            where = f"point {name}"
-            if self.recipe is None:
-                config = _build_config(merged, str(self.out / name), where)
-            else:  # a sweep recipe's settings, with the command line's data folder and device
-                user = {k: merged[k] for k in ("data_root", "device") if k in merged}
-                rest = {k: v for k, v in merged.items() if k not in user}
-                config = _build_config(user, str(self.out / name), where, recipe_flat=rest, recipe_name=self.recipe)
-            result.append((name, config, merged))
+        for i, (merged_all, _over, raw_all) in enumerate(self._point_settings()):
+            group = point_name(raw_all)
+            for seed in self.seeds or (None,):
+                merged, raw = merged_all, raw_all
+                if seed is not None:
+                    merged, raw = {**merged_all, "seed": seed}, {**raw_all, "seed": seed}
+                name = point_name(raw)
+                if name in seen:
+                    raise ConfigError(
+                        f"sweep {self.name!r}: points {seen[name] + 1} and {i + 1} have the same settings ({name}); "
+                        "remove the duplicate from 'runs' or 'grid'"
+                    )
+                seen[name] = i
+                where = f"point {name}"
+                if self.recipe is None:
+                    config = _build_config(merged, str(self.out / name), where)
+                else:  # a sweep recipe's settings, with the command line's data folder and device
+                    user = {k: merged[k] for k in ("data_root", "device") if k in merged}
+                    rest = {k: v for k, v in merged.items() if k not in user}
+                    config = _build_config(user, str(self.out / name), where, recipe_flat=rest, recipe_name=self.recipe)
+                result.append((name, config, merged, group))
         return result
 
     def point_values(self) -> dict[str, dict[str, Any]]:
         """Per point name, the value of every key a table can use (flat settings with RunConfig
-        defaults filled in, plus ``name``)."""
+        defaults filled in, plus ``name``: the point's group, see :meth:`groups`)."""
         values = {}
-        for name, config, merged in self._points():
+        for name, config, merged, group in self._points():
             v = {k: getattr(config, k) for k in _RUN_FIELDS if k != ATTACK_OPTIONS and k not in RESERVED_FIELDS}
             v.update({k: val for k, val in merged.items() if k.startswith(ATTACK_OPTIONS + ".")})
-            v[NAME_KEY] = name
+            v[NAME_KEY] = group
             values[name] = v
         return values
 
@@ -314,7 +366,7 @@ class Sweep:
         from veil.data.datasets import DATASETS
 
         checked: set[tuple[str, str]] = set()
-        for name, config, merged in self._points():
+        for name, config, merged, _ in self._points():
             info = DATASETS.get(config.dataset)
             if info.needs_root and not config.download:
                 if not config.data_root:
@@ -347,6 +399,8 @@ class Sweep:
             "base": self.base,
             "grid": self.grid,
             "runs": self.runs,
+            "seeds": list(self.seeds),
+            "defenses": self.defenses,
             "table": dataclasses.asdict(self.table),
             "points": [name for name, _ in self.points()],
         }
@@ -499,7 +553,12 @@ def parse_sweep(
             runs_raw.append(flat)
     runs = [_resolve_paths(r, base_dir) for r in runs_raw]
 
+    seeds = _parse_seeds(spec.get("seeds"), grid_raw, runs_raw, base_raw)
+    defenses = _parse_defenses(spec.get("defenses"), base_dir)
     table = _parse_table(spec.get("table"))
+    if seeds and "seed" in (table.rows, *table.columns):
+        raise ConfigError("table: 'seed' cannot be a row or column key when 'seeds' repeats every point "
+                          "(the table shows the mean over the seeds)")
 
     sweep = Sweep(
         name=name.strip(),
@@ -511,12 +570,59 @@ def parse_sweep(
         source=source,
         description=description,
         recipe=recipe,
+        seeds=seeds,
+        defenses=defenses,
         _raw_grid=grid_raw,
         _raw_runs=runs_raw,
     )
     points = sweep._points()  # builds and validates every RunConfig; names must be unique
     _check_table_cells(sweep, points)
     return sweep
+
+
+def _parse_seeds(raw: Any, grid: dict[str, Any], runs: list[dict[str, Any]], base: dict[str, Any]) -> tuple[int, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
+        raise ConfigError(f"'seeds' must be a non-empty list of non-negative integers, got {raw!r}")
+    dup = _first_duplicate(raw)
+    if dup is not None:
+        raise ConfigError(f"'seeds' lists the seed {dup} twice")
+    if "seed" in grid or any("seed" in r for r in runs) or "seed" in base:
+        raise ConfigError("'seeds' repeats every point with each seed; do not also set 'seed' in base, runs or grid")
+    return tuple(raw)
+
+
+def _parse_defenses(raw: Any, base_dir: Path) -> dict[str, dict[str, Any]]:
+    """``defenses:`` as a list of names or a mapping name -> options; each name and option is
+    checked by building the defense."""
+    from veil.defenses import create_defense
+
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        if not all(isinstance(d, str) for d in raw):
+            raise ConfigError(f"'defenses' must list defense names (or map names to options), got {raw!r}")
+        dup = _first_duplicate(raw)
+        if dup is not None:
+            raise ConfigError(f"'defenses' lists {dup!r} twice")
+        raw = {d: {} for d in raw}
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"'defenses' must be a non-empty list of defense names or a mapping name -> options, got {raw!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, options in raw.items():
+        options = options or {}
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise ConfigError(f"defenses: {name!r} must map to a mapping of its options, got {options!r}")
+        options = {str(k): _resolve_path(v, base_dir) if isinstance(v, str) and str(k).endswith(PATH_OPTION_SUFFIXES) else v
+                   for k, v in options.items()}
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        try:
+            create_defense(name, progress=False, **options)
+        except ConfigError as exc:
+            raise ConfigError(f"defenses: {exc}") from None
+        out[name] = options
+    return out
 
 
 def _parse_table(raw: Any) -> TableSpec:
@@ -558,15 +664,15 @@ def _parse_table(raw: Any) -> TableSpec:
     return TableSpec(rows=rows, columns=tuple(columns), metrics=tuple(metrics), title=title)
 
 
-def _check_table_cells(sweep: Sweep, points: list[tuple[str, RunConfig, dict[str, Any]]]) -> None:
-    """Every point must land in its own table cell."""
+def _check_table_cells(sweep: Sweep, points: list[tuple[str, RunConfig, dict[str, Any], str]]) -> None:
+    """Every point (every group of seeds) must land in its own table cell."""
     values = sweep.point_values()
     spec = sweep.table
     cells: dict[Any, str] = {}
-    for name, _, _ in points:
+    for name, _, _, group in points:
         v = values[name]
         key = (_hashable(v[spec.rows]), tuple(_hashable(v[c]) for c in spec.columns))
-        if key in cells:
+        if key in cells and values[cells[key]][NAME_KEY] != group:
             other = cells[key]
             differ = sorted(k for k in values[name] if k != NAME_KEY and values[name][k] != values[other][k])
             raise ConfigError(
@@ -716,6 +822,8 @@ def _metric(metrics: Mapping[str, Any] | None, name: str) -> Any:
 def format_metric(name: str, value: Any) -> str:
     """One table cell: accuracies and rates as percentages with 2 decimals (``0.9709`` ->
     ``"97.09"``), missing or NaN as "–"."""
+    if isinstance(value, bool) and metric_spec(name)[1] == "yesno":
+        return "yes" if value else "no"
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return DASH if value is None else str(value)
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
@@ -744,23 +852,66 @@ def _json_number(value: Any) -> Any:
     return value
 
 
+def _numbers(values: list[Any]) -> list[float]:
+    return [float(v) for v in values
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and (math.isnan(v) or math.isinf(v)))]
+
+
+def aggregate(values: list[Any]) -> dict[str, Any]:
+    """``{"mean", "std", "n"}`` of the finite numbers among ``values`` (booleans count as 0 / 1; the
+    sample standard deviation, ``None`` below two values)."""
+    xs = _numbers(values)
+    n = len(xs)
+    if not n:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def format_aggregate(name: str, agg: Mapping[str, Any]) -> str:
+    """A seeds cell: ``mean ± std (n=N)`` in the metric's format (``97.09 ± 0.12 (n=3)``); a yes/no
+    figure as the share of seeds where it was yes (``2/3 yes``)."""
+    n = agg["n"]
+    if not n:
+        return DASH
+    kind = metric_spec(name)[1]
+    if kind == "yesno":
+        return f"{round(agg['mean'] * n)}/{n} yes"
+    text = format_metric(name, agg["mean"])
+    if agg["std"] is not None:
+        std = agg["std"]
+        if kind == "percent":
+            spread = f"{100.0 * std:.2f}"
+        elif kind == "int":
+            spread = f"{std:.2g}"
+        else:
+            spread = format(std, kind)
+        text += f" \u00b1 {spread}"
+    return text + f" (n={n})"
+
+
 def sweep_table(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
     """The sweep's results laid out like the papers' tables (e.g. Table 3 of the frequency-attack
     paper: rows = poison counts, a column group per architecture with CDA and ASR).
 
     Args:
         sweep: the sweep.
-        metrics_by_point: point name -> its ``metrics.json`` (missing or ``None``: not finished;
-            its cells show "–").
+        metrics_by_point: point name -> its ``metrics.json`` (with its defenses' figures under
+            ``defenses``, see :func:`veil.sweep_exec.point_metrics`); missing or ``None``: not
+            finished, its cells show "\u2013".
 
     Returns:
         ``{"title", "columns", "rows", "header", "left", "note", "points"}``: ``columns`` are flat,
         unique labels (``"<group> CDA %"``); ``rows`` hold formatted strings (percentages with 2
-        decimals for accuracy and ASR); ``header`` holds two header rows of ``[label, span]`` for
-        the grouped layout; ``points`` lists every point with its table keys and raw metric values
-        (NaN as ``null``). :func:`veil.report.html.write_report` draws it with ``tables=[...]``.
+        decimals for accuracy and ASR; with ``seeds``, ``mean ± std (n=N)`` over the seeds that
+        finished); ``header`` holds two header rows of ``[label, span]`` for the grouped layout;
+        ``points`` lists every point with its table keys, seed and raw metric values (NaN as
+        ``null``), and with ``seeds`` ``groups`` lists each group's mean, std and n.
+        :func:`veil.report.html.write_report` draws it with ``tables=[...]``.
     """
     spec = sweep.table
+    metrics = list(spec.metrics) + [m for m in defense_metrics(sweep, metrics_by_point) if m not in spec.metrics]
     values = sweep.point_values()
     names = list(values)
     row_values: list[Any] = []
@@ -772,58 +923,79 @@ def sweep_table(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, Any] |
         g = tuple(v[c] for c in spec.columns)
         if all(_hashable(g) != _hashable(x) for x in group_values):
             group_values.append(g)
-    cell: dict[tuple[str, str], str] = {}
+    cell: dict[tuple[str, str], list[str]] = {}
     for name in names:
         v = values[name]
-        cell[(_hashable(v[spec.rows]), _hashable(tuple(v[c] for c in spec.columns)))] = name
+        cell.setdefault((_hashable(v[spec.rows]), _hashable(tuple(v[c] for c in spec.columns))), []).append(name)
 
     def group_label(g: tuple[Any, ...]) -> str:
         if len(spec.columns) == 1:
             return _label(g[0])
         return ", ".join(f"{k}={_label(x)}" for k, x in zip(spec.columns, g))
 
-    metric_labels = [metric_spec(m)[0] for m in spec.metrics]
+    metric_labels = [metric_spec(m)[0] for m in metrics]
     row_label = spec.rows
     columns = [row_label]
     header: list[list[list[Any]]] = []
     if spec.columns:
-        header.append([["", 1]] + [[group_label(g), len(spec.metrics)] for g in group_values])
+        header.append([["", 1]] + [[group_label(g), len(metrics)] for g in group_values])
         header.append([[row_label, 1]] + [[m, 1] for _ in group_values for m in metric_labels])
         columns += [f"{group_label(g)} {m}" for g in group_values for m in metric_labels]
     else:
         columns += metric_labels
     rows = []
+    groups = []
     for r in row_values:
         row = [_label(r)]
         for g in group_values:
-            name = cell.get((_hashable(r), _hashable(g)))
-            m = metrics_by_point.get(name) if name else None
-            row += [format_metric(k, _metric(m, k)) for k in spec.metrics]
+            members = cell.get((_hashable(r), _hashable(g)), [])
+            found = [metrics_by_point.get(n) for n in members]
+            if not sweep.seeds:
+                m = found[0] if found else None
+                row += [format_metric(k, _metric(m, k)) for k in metrics]
+                continue
+            aggs = {k: aggregate([_metric(m, k) for m in found if m]) for k in metrics}
+            row += [format_aggregate(k, aggs[k]) for k in metrics]
+            if members:
+                groups.append({"name": values[members[0]][NAME_KEY], "points": members,
+                               "finished": sum(1 for m in found if m), **{
+                                   stat: {k: _json_number(aggs[k][stat]) for k in metrics} for stat in ("mean", "std", "n")}})
         rows.append(row)
     finished = sum(1 for n in names if metrics_by_point.get(n))
     points = []
     for name in names:
         m = metrics_by_point.get(name)
-        points.append({
+        entry = {
             "name": name,
             "finished": bool(m),
             "keys": {k: values[name][k] for k in [spec.rows, *spec.columns] if k != NAME_KEY},
-            "metrics": {k: _json_number(_metric(m, k)) for k in spec.metrics} if m else None,
-        })
-    return {
+            "metrics": {k: _json_number(_metric(m, k)) for k in metrics} if m else None,
+        }
+        if sweep.seeds:
+            entry["group"] = values[name][NAME_KEY]
+            entry["seed"] = values[name]["seed"]
+        points.append(entry)
+    notes = [f"{finished} of {len(names)} points finished"]
+    if sweep.seeds:
+        notes.append(f"each cell: mean \u00b1 sample standard deviation over the seeds {list(sweep.seeds)} that "
+                     "finished (n)")
+    table = {
         "title": spec.title or sweep.name,
         "columns": columns,
         "rows": rows,
         "header": header,
         "left": 1,
         "note": "; ".join(
-            [f"{finished} of {len(names)} points finished"]
-            + [_LEGEND[m] for m in spec.metrics if m in _LEGEND]
-            + (["columns marked % in percent"] if any(metric_spec(m)[1] == "percent" for m in spec.metrics) else [])
+            notes
+            + [_LEGEND[m] for m in metrics if m in _LEGEND]
+            + (["columns marked % in percent"] if any(metric_spec(m)[1] == "percent" for m in metrics) else [])
             + [f"run folders under {sweep.out}"]
         ),
         "points": points,
     }
+    if sweep.seeds:
+        table["groups"] = groups
+    return table
 
 
 def table_markdown(table: Mapping[str, Any]) -> str:
@@ -853,8 +1025,8 @@ class PointResult:
     Attributes:
         name: the point's folder name.
         config: its RunConfig.
-        status: ``"skipped"`` (already finished), ``"trained"``, ``"failed"``, or ``"not run"``
-            (the sweep stopped before it).
+        status: ``"skipped"`` (already finished), ``"trained"``, ``"failed"``, ``"claimed"``
+            (another worker holds a live claim on it), or ``"not run"`` (the sweep stopped before it).
         metrics: its metrics (``None`` unless skipped or trained).
         error: the failure message.
         seconds: wall time spent on it.
@@ -894,7 +1066,8 @@ class SweepResult:
         return all(p.status in ("skipped", "trained") for p in self.points)
 
     def summary(self) -> str:
-        counts = {s: sum(1 for p in self.points if p.status == s) for s in ("trained", "skipped", "failed", "not run")}
+        counts = {s: sum(1 for p in self.points if p.status == s)
+                  for s in ("trained", "skipped", "failed", "claimed", "not run")}
         text = f"sweep {self.sweep.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         for p in self.failed:
             text += f"\n  failed: {p.name}: {p.error}"
@@ -962,95 +1135,6 @@ def _check_recorded(points: list[tuple[str, RunConfig]]) -> None:
             f"{len(changed)} point folder(s) hold runs recorded with other settings than the sweep file now gives: "
             f"{detail}; pass --overwrite to retrain them, or change 'out'"
         )
-
-
-def run_sweep(
-    sweep: Sweep,
-    device: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    keep_going: bool = False,
-) -> SweepResult:
-    """Run every point of ``sweep`` and write the results table and report.
-
-    Each point runs like ``veil run``: global RNGs seeded with the point's seed
-    (:func:`veil.experiment.seed_everything`), then :func:`veil.experiment.run_experiment`. Points whose
-    folder holds a finished run are skipped (unless ``overwrite``); interrupted ones resume from
-    their checkpoint.
-
-    Args:
-        sweep: from :func:`load_sweep`.
-        device: overrides every point's ``device`` (``auto``, ``cpu``, ``cuda``).
-        overwrite: retrain finished points from scratch.
-        progress: progress bars while training.
-        keep_going: after a point fails, go on with the next one (default: stop at the first
-            failure). Either way the failures are in the result and the table holds every point
-            that finished.
-
-    Raises:
-        ConfigError: a data folder or reference run is missing, or (without ``overwrite``) a point's
-            folder holds a run recorded with other settings: checked before any training.
-        Exception: without ``keep_going``, an error that is not a :class:`VeilError` (a bug, or
-            running out of memory) propagates after the table of finished points is written.
-    """
-    points = sweep.points()
-    sweep.check(overwrite)
-    with rec.FolderLock(sweep.out, f"veil sweep {sweep.name}"):
-        return _run_points(sweep, points, device, overwrite, progress, keep_going)
-
-
-def _run_points(sweep: Sweep, points: list[tuple[str, RunConfig]], device: str | None, overwrite: bool,
-                progress: bool, keep_going: bool) -> SweepResult:
-    """:func:`run_sweep` with the sweep folder locked."""
-    from veil.experiment import run_experiment, seed_everything
-
-    rec.atomic_write_json(sweep.out / SWEEP_JSON, sweep.to_dict())
-    results: list[PointResult] = []
-    error: BaseException | None = None
-    total = len(points)
-    for i, (name, config) in enumerate(points, 1):
-        config = dataclasses.replace(
-            config, overwrite=overwrite, progress=progress, **({"device": device} if device else {})
-        )
-        if error is not None:
-            results.append(PointResult(name, config, "not run"))
-            continue
-        record = rec.RunRecord(config.out)
-        if record.finished and not overwrite:
-            log.info("[%d/%d] %s: skipped, finished", i, total, name)
-            try:
-                results.append(PointResult(name, config, "skipped", metrics=record.metrics()))
-            except VeilError as exc:
-                results.append(PointResult(name, config, "failed", error=str(exc)))
-            continue
-        state = "resuming" if record.path(rec.CHECKPOINT).is_file() and not overwrite else "training"
-        log.info("[%d/%d] %s: %s", i, total, name, state)
-        t0 = time.perf_counter()
-        try:
-            seed_everything(config.seed)
-            metrics = run_experiment(config)
-        except Exception as exc:  # noqa: BLE001  (recorded; re-raised below unless keep_going or a VeilError)
-            seconds = time.perf_counter() - t0
-            msg = str(exc) if isinstance(exc, VeilError) else f"{type(exc).__name__}: {exc}"
-            log.error("[%d/%d] %s: failed after %.0fs: %s", i, total, name, seconds, msg)
-            results.append(PointResult(name, config, "failed", error=msg, seconds=seconds))
-            if not keep_going:
-                error = exc
-            continue
-        seconds = time.perf_counter() - t0
-        log.info(
-            "[%d/%d] %s: finished in %.0fs: clean accuracy %s, attack success rate %s",
-            i, total, name, seconds,
-            format_metric("clean_accuracy", metrics.get("clean_accuracy")),
-            format_metric("attack_success_rate", metrics.get("attack_success_rate")),
-        )
-        results.append(PointResult(name, config, "trained", metrics=metrics, seconds=seconds))
-
-    table, files = write_results(sweep, {p.name: p.metrics for p in results})
-    result = SweepResult(sweep=sweep, points=results, table=table, files=files)
-    if error is not None and not isinstance(error, VeilError):
-        raise error
-    return result
 
 
 def write_results(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, Any] | None]) -> tuple[dict[str, Any], dict[str, Path]]:

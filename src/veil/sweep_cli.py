@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from veil import records as rec
 
-from veil.sweep import load_sweep, parse_sweep, point_status, recorded_differences, run_sweep, sweep_table, table_markdown
+from veil.sweep import load_sweep, parse_sweep, point_status, recorded_differences, sweep_table, table_markdown
+from veil.sweep_exec import run_sweep
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,6 +27,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="retrain points that already finished")
     p.add_argument("--keep-going", action="store_true", help="go on after a point fails (default: stop)")
     p.add_argument("--dry-run", action="store_true", help="list the points and which are finished; train nothing")
+    p.add_argument("--list", action="store_true", help="print the points' names, one per line (for job arrays); run nothing")
+    p.add_argument("--point", metavar="NAME", default=None, help="run this one point (see --list) in this process")
+    p.add_argument("--collect", action="store_true", help="write the table and report over the finished points; run nothing")
+    ex = p.add_argument_group("executors (default: the points one after another in this process)")
+    engine = ex.add_mutually_exclusive_group()
+    engine.add_argument("--jobs", type=int, metavar="N", default=None,
+                        help="N worker processes on this machine, the CPU threads split between them, one GPU each where GPUs exist")
+    engine.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="each point a Ray task, on the cluster at ADDRESS ('auto', HOST:PORT, ray://HOST:10001) "
+                        "or on a local one started for the sweep (no ADDRESS); pip install 'veil[ray]'")
+    engine.add_argument("--slurm", action="store_true",
+                        help="each point a SLURM job-array task, through submitit; pip install 'veil[slurm]'")
+    ex.add_argument("--cpus-per-point", type=float, default=None, help="--ray / --slurm: CPUs each point declares (default 1 / 2)")
+    ex.add_argument("--gpus-per-point", type=float, default=None, help="--ray / --slurm: GPUs each point declares (default 0)")
+    ex.add_argument("--partition", default=None, help="--slurm: the partition")
+    ex.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES", help="--slurm: each task's time limit (default 1440)")
+    ex.add_argument("--mem-gb", type=int, default=None, help="--slurm: memory per task")
+    ex.add_argument("--array-parallelism", type=int, default=32, help="--slurm: tasks of the array running at once (default 32)")
+    ex.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default=None,
+                    help="--slurm: submitit's executor (default: SLURM; 'local' runs the tasks on this machine, for testing)")
+    ex.add_argument("--no-wait", action="store_true", help="--slurm: submit and return (then veil sweep ... --collect)")
     p.set_defaults(func=cmd_sweep)
     return p
 
@@ -52,10 +73,50 @@ def _load(args: argparse.Namespace) -> Any:
     return parse_sweep(spec, base_dir=Path.cwd(), default_name=args.recipe.replace("/", "-"), recipe=recipe.name)
 
 
+def _executor(args: argparse.Namespace) -> Any:
+    from veil.errors import ConfigError
+    from veil.sweep_exec import Jobs, Local, Ray, Slurm
+
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+        return Jobs(n=args.jobs)
+    if args.ray is not None:
+        return Ray(address=args.ray or None, cpus_per_point=args.cpus_per_point or 1.0,
+                   gpus_per_point=args.gpus_per_point or 0.0)
+    if args.slurm:
+        return Slurm(partition=args.partition, time_min=args.time, gpus_per_point=int(args.gpus_per_point or 0),
+                     cpus_per_point=int(args.cpus_per_point or 2), mem_gb=args.mem_gb,
+                     array_parallelism=args.array_parallelism, cluster=args.slurm_cluster, wait=not args.no_wait)
+    return Local()
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``veil sweep``: returns 0 when every point finished, 2 when a point failed."""
+    from veil.errors import ConfigError
+    from veil.sweep_exec import point_metrics
+
     sweep = _load(args)
     points = sweep.points()
+    modes = [m for m in ("list", "collect", "dry_run") if getattr(args, m)] + (["point"] if args.point else [])
+    if len(modes) > 1:
+        raise ConfigError("--" + " and --".join(m.replace("_", "-") for m in modes) + " cannot be combined")
+    if args.point and (args.jobs is not None or args.ray is not None or args.slurm):
+        raise ConfigError("--point runs one point in this process; it takes no executor")
+    if args.list:
+        for name, _ in points:
+            print(name)
+        return 0
+    if args.collect:
+        from veil.sweep import write_results
+
+        sweep.check_out()
+        table, files = write_results(sweep, {name: point_metrics(sweep, config) for name, config in points})
+        print(table_markdown(table), end="")
+        for key in ("markdown", "json", "report"):
+            if key in files:
+                print(f"wrote {files[key]}")
+        return 0
     if args.dry_run:
         statuses = [(name, point_status(config)) for name, config in points]
         print(f"sweep {sweep.name}: {len(points)} point(s) in {sweep.out}")
@@ -67,17 +128,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 status = f"changed ({', '.join(recorded_differences(dict(points)[name]))})"
             print(f"  {status:<11}  {action:<7}  {name}")
         sweep.check(args.overwrite)
-        done = {name: rec.RunRecord(config.out).metrics() for name, config in points if point_status(config) == "finished"}
+        done = {name: point_metrics(sweep, config) for name, config in points if point_status(config) == "finished"}
         if done:
             print()
             print(table_markdown(sweep_table(sweep, done)), end="")
         return 0
+    if args.point:
+        from veil.sweep_exec import execute
+
+        result = execute(sweep, None, device=args.device, overwrite=args.overwrite,
+                         progress=not getattr(args, "quiet", False), only=[args.point], write=False)
+        p = result.points[0]
+        print(f"{p.name}: {p.status}" + (f" ({p.error})" if p.error else ""))
+        return 2 if p.status == "failed" else 0
     result = run_sweep(
         sweep,
         device=args.device,
         overwrite=args.overwrite,
         progress=not getattr(args, "quiet", False),
         keep_going=args.keep_going,
+        executor=_executor(args),
     )
     print(table_markdown(result.table), end="")
     print(result.summary())

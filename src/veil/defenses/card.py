@@ -80,18 +80,27 @@ def cell_short(result: MitigationResult | DetectionResult) -> str:
     return ("detected" if result.detected else "not detected") + (f", {first}" if first else "")
 
 
-def _apply(name: str, run_dir: Path, options: dict[str, Any], rerun: bool, **kw: Any) -> tuple[Any, bool]:
-    """The defense's result on a run, reused from ``RUN/defenses/NAME`` when its options match."""
+def cached_result(name: str, run_dir: str | Path, options: dict[str, Any]) -> MitigationResult | DetectionResult | None:
+    """The result in ``RUN/defenses/NAME/result.json`` if it was made with these options, else ``None``."""
     path = defense_dir(run_dir, name) / RESULT_FILE
+    if not path.exists():
+        return None
     wanted = create_defense(name, progress=False, **options).describe()
-    if path.exists() and not rerun:
-        try:
-            old = load_result(path)
-        except (ConfigError, OSError, ValueError):
-            old = None
-        if old is not None and old.config == wanted:
-            log.info("card: %s on %s: reusing %s", name, run_dir, path)
-            return old, True
+    try:
+        old = load_result(path)
+    except (ConfigError, OSError, ValueError):
+        return None
+    return old if old.config == wanted else None
+
+
+def apply_defense(name: str, run_dir: str | Path, options: dict[str, Any], rerun: bool = False,
+                  **kw: Any) -> tuple[MitigationResult | DetectionResult, bool]:
+    """``(result, reused)``: the defense's result on a run, reused from ``RUN/defenses/NAME`` when
+    its options match (unless ``rerun``), else :func:`~veil.defenses.run_defense` with ``kw``."""
+    old = None if rerun else cached_result(name, run_dir, options)
+    if old is not None:
+        log.info("%s on %s: reusing %s", name, run_dir, defense_dir(run_dir, name) / RESULT_FILE)
+        return old, True
     return run_defense(name, run_dir, **kw, **options), False
 
 
@@ -166,7 +175,7 @@ def make_card(
             continue
         opts = options.get(name, {})
         for side, path in (("attack", run_path), ("clean", ref_path)):
-            result, reused = _apply(name, path, opts, rerun, **kw)
+            result, reused = apply_defense(name, path, opts, rerun, **kw)
             row[side] = {"text": cell_text(result), "short": cell_short(result), "seconds": result.seconds,
                          "reused": reused, **_figures(result)}
             log.info("card: %s on the %s run: %s", name, side, row[side]["text"])

@@ -260,7 +260,8 @@ def reproduce(paper: str, table: str | None = None, scale: str = "cpu", data_roo
     write the table beside the paper's; with ``dry_run`` only the table of what is finished."""
     from veil.errors import VeilError
     from veil.experiment import run_experiment, seed_everything
-    from veil.sweep import parse_sweep, run_sweep
+    from veil.sweep import parse_sweep
+    from veil.sweep_exec import run_sweep
 
     key, tspec, steps = plan(paper, table, scale, data_root, out, device)
     failed: list[str] = []  # a point that cannot be mounted is a "–" in the table, with its reason
