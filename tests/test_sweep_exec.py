@@ -374,3 +374,29 @@ def test_list_point_and_collect(tmp_path, capsys, one_thread):
     assert main(["sweep", str(path), "--list", "--collect"]) == 2
     assert main(["sweep", str(path), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_the_card_in_a_sweep(tmp_path, one_thread):
+    """``defenses: {card: ...}`` makes each attack point's card against the clean reference; its
+    defenses' figures are table columns; a clean point has no card."""
+    reference = tmp_path / "reference"
+    veil.experiment.run_experiment(veil.experiment.RunConfig(**{**TINY, "attack": "none", "out": str(reference),
+                                                                "progress": False}))
+    card = {"reference": str(reference), "defenses": ["strip"], "options": {"strip": DEFENSES["strip"]}}
+    s = spec(defenses={"card": card}, grid={"attack": ["none", "badnets"]},
+             table={"rows": "attack", "metrics": ["clean_accuracy", "attack_success_rate"]})
+    result = sx.run_sweep(sw.load_sweep(write(tmp_path, s)), progress=False)
+    assert result.ok, result.summary()
+    bad = tmp_path / "out" / "attack=badnets"
+    made = json.loads((bad / "card" / "card.json").read_text())
+    assert [r["defense"] for r in made["rows"]] == ["strip"] and made["reference"] == str(reference)
+    assert not (tmp_path / "out" / "attack=none" / "card").exists()
+    assert (reference / "defenses" / "strip" / "result.json").is_file()  # the clean half of the card
+    cells = dict(zip(result.table["columns"], result.table["rows"][1]))
+    assert cells["strip detected"] in ("yes", "no") and cells["strip AUROC"] != "\u2013"
+    again = sx.run_sweep(sw.load_sweep(write(tmp_path, s)), progress=False)
+    assert [p.status for p in again.points] == ["skipped", "skipped"]
+    with pytest.raises(ConfigError, match="card needs 'reference'"):
+        sw.load_sweep(write(tmp_path, spec(defenses={"card": {"defenses": ["strip"]}})))
+    with pytest.raises(ConfigError, match="not a finished run"):
+        sx.run_sweep(sw.load_sweep(write(tmp_path / "x", spec(defenses={"card": {"reference": str(tmp_path / "nope")}}))))

@@ -182,7 +182,7 @@ def defense_metrics(sweep: Sweep, metrics_by_point: Mapping[str, Mapping[str, An
     from veil.defenses.base import Mitigator
 
     names = []
-    for d in sweep.defenses:
+    for d, _ in defense_items(sweep):
         if issubclass(DEFENSES.get(d), Mitigator):
             figures = ["attack_success_rate", "clean_accuracy"]
         else:
@@ -388,6 +388,10 @@ class Sweep:
                 elif not path.exists():
                     raise ConfigError(f"point {name}: attack option {key} = {value} does not exist")
                 checked.add(("opt", value))
+        card = self.defenses.get(CARD)
+        if card is not None and not rec.RunRecord(card["reference"]).finished:
+            raise ConfigError(f"defenses: card: the reference {card['reference']} is not a finished run (no {rec.METRICS}); "
+                              "train the clean run first")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved sweep (written to ``OUT/sweep.json``)."""
@@ -614,6 +618,9 @@ def _parse_defenses(raw: Any, base_dir: Path) -> dict[str, dict[str, Any]]:
         options = options or {}
         if not isinstance(name, str) or not isinstance(options, dict):
             raise ConfigError(f"defenses: {name!r} must map to a mapping of its options, got {options!r}")
+        if name == CARD:
+            out[CARD] = _parse_card(options, base_dir)
+            continue
         options = {str(k): _resolve_path(v, base_dir) if isinstance(v, str) and str(k).endswith(PATH_OPTION_SUFFIXES) else v
                    for k, v in options.items()}
         options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
@@ -623,6 +630,45 @@ def _parse_defenses(raw: Any, base_dir: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"defenses: {exc}") from None
         out[name] = options
     return out
+
+
+CARD = "card"
+_CARD_KEYS = ("reference", "defenses", "options")
+
+
+def _parse_card(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``defenses: {card: {reference: CLEAN_RUN, defenses: [...], options: {NAME: {...}}}}``."""
+    from veil.defenses import create_defense, list_defenses
+
+    unknown = [k for k in raw if k not in _CARD_KEYS]
+    if unknown:
+        raise ConfigError(f"defenses: card: unknown key {unknown[0]!r}; valid keys: {', '.join(_CARD_KEYS)}")
+    if not isinstance(raw.get("reference"), str):
+        raise ConfigError("defenses: card needs 'reference': the clean run the card compares with (a path)")
+    names = raw.get("defenses")
+    if names is not None and (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"defenses: card: 'defenses' must be a non-empty list of defense names, got {names!r}")
+    options = raw.get("options") or {}
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ConfigError("defenses: card: 'options' must map defense names to mappings of their options")
+    for name in list(names or []) + list(options):
+        try:
+            create_defense(name, progress=False, **options.get(name, {}))
+        except ConfigError as exc:
+            raise ConfigError(f"defenses: card: {exc}") from None
+    return {"reference": str(_resolve_path(raw["reference"], base_dir)),
+            "defenses": list(names) if names else list_defenses(), "options": options, "all": names is None}
+
+
+def defense_items(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
+    """The sweep's defenses as ``(name, options)``, the card's defenses in its place."""
+    items: list[tuple[str, dict[str, Any]]] = []
+    for name, options in sweep.defenses.items():
+        if name == CARD:
+            items += [(d, options["options"].get(d, {})) for d in options["defenses"] if d not in sweep.defenses]
+        else:
+            items.append((name, options))
+    return items
 
 
 def _parse_table(raw: Any) -> TableSpec:

@@ -32,7 +32,7 @@ from veil import records as rec
 from veil.claims import claim_point, clear_stale
 from veil.errors import ConfigError, VeilError
 from veil.runs import RunConfig
-from veil.sweep import SWEEP_JSON, PointResult, Sweep, SweepResult, format_metric, write_results
+from veil.sweep import CARD, SWEEP_JSON, PointResult, Sweep, SweepResult, defense_items, format_metric, write_results
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,29 @@ def _require(module: str, extra: str) -> Any:
 # --------------------------------------------------------------------------- one point
 
 
+def _card_done(card: dict[str, Any], config: RunConfig) -> bool:
+    from veil.defenses.card import CARD_DIR
+
+    if config.attack == "none":  # the card is for attack runs; a clean point has none
+        return True
+    try:
+        old = rec.read_json(Path(config.out) / CARD_DIR / "card.json")
+    except (VeilError, OSError, ValueError):
+        return False
+    done = {r["defense"] for r in old.get("rows", [])}
+    return Path(old.get("reference", "")) == Path(card["reference"]) and set(card["defenses"]) <= done
+
+
 def _defenses_done(sweep: Sweep, config: RunConfig) -> bool:
     from veil.defenses.card import cached_result
 
-    return all(cached_result(d, config.out, opts) is not None for d, opts in sweep.defenses.items())
+    for d, opts in sweep.defenses.items():
+        if d == CARD:
+            if not _card_done(opts, config):
+                return False
+        elif cached_result(d, config.out, opts) is None:
+            return False
+    return True
 
 
 def point_metrics(sweep: Sweep, config: RunConfig) -> dict[str, Any] | None:
@@ -122,7 +141,7 @@ def point_metrics(sweep: Sweep, config: RunConfig) -> dict[str, Any] | None:
         return None
     metrics = dict(record.metrics())
     figures = {}
-    for d, opts in sweep.defenses.items():
+    for d, opts in defense_items(sweep):
         result = cached_result(d, config.out, opts)
         if result is not None:
             figures[d] = {**_figures(result), "seconds": result.seconds}
@@ -188,9 +207,17 @@ def run_point(sweep: Sweep, name: str, config: RunConfig, device: str | None = N
 
 
 def _run_defenses(sweep: Sweep, config: RunConfig, device: str | None, progress: bool) -> None:
-    from veil.defenses.card import apply_defense
+    from veil.defenses.card import apply_defense, make_card
 
     for d, opts in sweep.defenses.items():
+        if d == CARD:
+            if config.attack == "none":
+                log.info("%s: a clean run; the card is for attack runs", Path(config.out).name)
+            elif not _card_done(opts, config):
+                make_card(config.out, opts["reference"], defenses=None if opts["all"] else opts["defenses"],
+                          options=opts["options"], device=device or _device(config), data_root=config.data_root,
+                          progress=progress)
+            continue
         result, reused = apply_defense(d, config.out, opts, device=device or _device(config), progress=progress,
                                        data_root=config.data_root)
         if not reused:
