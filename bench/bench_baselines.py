@@ -32,7 +32,8 @@ import yaml
 from veil import records as rec
 from veil.errors import VeilError
 from veil.experiment import environment
-from veil.sweep import parse_sweep, run_sweep
+from veil.sweep import parse_sweep
+from veil.sweep_exec import run_sweep
 from veil.train import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]

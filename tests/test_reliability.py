@@ -449,7 +449,7 @@ def test_failing_report_and_sweep_lose_nothing_of_finished_runs(finished, tmp_pa
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "out": "sw", "base": TINY_SWEEP}))
     assert main(["-q", "sweep", str(path)]) == 0
-    (point,) = [p for p in (tmp_path / "sw").iterdir() if p.is_dir()]
+    (point,) = [p for p in (tmp_path / "sw").iterdir() if p.is_dir() and not p.name.startswith(".")]
     kept = _snapshot(point)
     from veil.train import Trainer
 
