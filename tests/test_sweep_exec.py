@@ -206,6 +206,15 @@ def test_a_missing_extra_names_its_install_command(tmp_path, monkeypatch):
         sx.run_sweep(sweep, executor=sx.Slurm(cluster="local"))
 
 
+def test_slurm_without_sbatch_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="no SLURM on this machine"):
+        sx.run_sweep(sw.load_sweep(write(tmp_path, spec())), executor=sx.Slurm())
+
+
 # --------------------------------------------------------------------------- killed workers
 
 

@@ -77,8 +77,8 @@ class Ray(Executor):
 
 @dataclass(frozen=True)
 class Slurm(Executor):
-    """One SLURM job-array task per point, through submitit. ``cluster``: ``None`` (SLURM when
-    ``sbatch`` exists), ``"slurm"``, or ``"local"`` / ``"debug"`` (submitit's executors that run
+    """One SLURM job-array task per point, through submitit. ``cluster``: ``None`` or ``"slurm"``
+    (``sbatch`` must exist), or ``"local"`` / ``"debug"`` (submitit's executors that run
     on this machine, for testing). ``folder``: submitit's logs (default ``OUT/.submitit``)."""
 
     partition: str | None = None
@@ -491,6 +491,11 @@ class _SlurmPoint:
 def _run_slurm(sweep: Sweep, names: list[str], executor: Slurm, device: str | None,
                since: float | None) -> list[PointResult]:
     submitit = _require("submitit", "slurm")
+    import shutil
+
+    if executor.cluster in (None, "slurm") and shutil.which("sbatch") is None:
+        raise ConfigError("--slurm: no SLURM on this machine (sbatch not found); submit from a login node, or pass "
+                          "--slurm-cluster local to run the tasks here")
     folder = Path(executor.folder) if executor.folder else sweep.out / ".submitit"
     ex = submitit.AutoExecutor(folder=str(folder), cluster=executor.cluster)
     params: dict[str, Any] = {"name": f"veil-{sweep.name}", "timeout_min": executor.time_min,
