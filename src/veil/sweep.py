@@ -1,33 +1,11 @@
 """``veil sweep``: run a grid of ``veil run`` configurations from one small YAML file.
 
 A sweep file names a base configuration (any :class:`veil.runs.RunConfig` field, spelled as
-the ``veil run`` option with ``_`` for ``-``), the values to vary, and how to lay the results out,
-e.g. Table 3 of Hammoud & Ghanem (2021) -- rows are poison counts ``|I_P|``, one column group
-(clean data accuracy, attack success rate) per architecture::
-
-    name: frequency-gtsrb-table3           # optional; default: the file name without .yaml
-    description: free text                 # optional, shown nowhere but kept in sweep.json
-    out: ../../runs/sweeps/frequency-gtsrb # required; one run folder per point goes in here
-    base:                                  # RunConfig fields shared by every point
-      attack: frequency
-      dataset: gtsrb
-      data_root: path/to/datasets
-      model: preact_resnet18
-      width: 16
-      epochs: 4
-      attack_options: {reference_run: ../../runs/clean-gtsrb}
-    grid:                                  # cartesian product of these lists (first key slowest)
-      poison_count: [50, 100, 200, 500, 1500]
-    runs:                                  # optional explicit override sets; with grid: runs x grid
-      - {model: preact_resnet18, width: 16}
-      - {model: vgg16, width: 32}
-    seeds: [0, 1, 2]                       # optional: every point once per seed; cells mean ± std (n)
-    defenses: [neural_cleanse, strip]      # optional: run on each finished point; figures as columns
-    table:                                 # optional
-      rows: poison_count                   # one row per value of this key
-      columns: [model]                     # a column group per value of these keys (may be [])
-      metrics: [clean_accuracy, attack_success_rate]
-      title: "Frequency attack on GTSRB"   # optional
+the ``veil run`` option with ``_`` for ``-``), the values to vary (``grid``: a cartesian product;
+``runs``: explicit override sets), optional ``seeds`` (every point once per seed; cells show mean
+± std (n)) and ``defenses`` (run on each finished point; figures as columns), and how to lay the
+results out (``table``: rows, column groups, metrics), e.g. Table 3 of Hammoud & Ghanem (2021).
+The format with a full example is in ``examples/sweeps/README.md``.
 
 Rules:
 

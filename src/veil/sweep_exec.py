@@ -134,7 +134,7 @@ def point_metrics(sweep: Sweep, config: RunConfig) -> dict[str, Any] | None:
     """A finished point's ``metrics.json``, with the figures of the sweep's defenses that ran on it
     (with the sweep's options) under ``defenses.NAME`` (:func:`veil.defenses.card` figures);
     ``None`` when the point has not finished."""
-    from veil.defenses.card import _figures, cached_result
+    from veil.defenses.card import result_figures, cached_result
 
     record = rec.RunRecord(config.out)
     if not record.finished:
@@ -144,7 +144,7 @@ def point_metrics(sweep: Sweep, config: RunConfig) -> dict[str, Any] | None:
     for d, opts in defense_items(sweep):
         result = cached_result(d, config.out, opts)
         if result is not None:
-            figures[d] = {**_figures(result), "seconds": result.seconds}
+            figures[d] = {**result_figures(result), "seconds": result.seconds}
     if figures:
         metrics["defenses"] = figures
     return metrics

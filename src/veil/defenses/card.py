@@ -177,7 +177,7 @@ def make_card(
         for side, path in (("attack", run_path), ("clean", ref_path)):
             result, reused = apply_defense(name, path, opts, rerun, **kw)
             row[side] = {"text": cell_text(result), "short": cell_short(result), "seconds": result.seconds,
-                         "reused": reused, **_figures(result)}
+                         "reused": reused, **result_figures(result)}
             log.info("card: %s on the %s run: %s", name, side, row[side]["text"])
         rows.append(row)
     card = {
@@ -192,7 +192,8 @@ def make_card(
     return card
 
 
-def _figures(result: MitigationResult | DetectionResult) -> dict[str, Any]:
+def result_figures(result: MitigationResult | DetectionResult) -> dict[str, Any]:
+    """A result's headline figures: a mitigator's accuracy, ASR, robust accuracy and DER; a detector's verdict, score and metrics."""
     if isinstance(result, MitigationResult):
         return {"clean_accuracy": result.clean_accuracy, "attack_success_rate": result.attack_success_rate,
                 "robust_accuracy": result.robust_accuracy, "defense_effectiveness_rate": result.defense_effectiveness_rate}
