@@ -459,8 +459,8 @@ def test_ftd_dct_is_orthonormal_and_invertible():
 def _ftd(seed: int = 0):
     from veil.defenses.ftd import FTD
 
-    # Adadelta at 1.0, not the official 0.05, which underfits this budget (docs/defenses.md)
-    d = FTD(FTD.Config(clean_images=1000, epochs=12, batch_size=32, lr=1.0, seed=seed), progress=False)
+    # the official optimiser (Adadelta at 0.05), 2 rounds of 4 epochs instead of 5 of 10
+    d = FTD(FTD.Config(clean_images=1000, rounds=2, epochs=4, batch_size=32, seed=seed), progress=False)
     return d, d.fit_detector(colours(1000, seed=5))
 
 
@@ -469,15 +469,13 @@ def test_ftd_flags_a_patch_trigger_and_not_clean_images_deterministically(plante
     keep = planted.test.labels != TARGET
     s_bad = d.scores(net, planted.triggered)
     s_clean = d.scores(net, planted.test.images[keep])
-    # the detector never saw this trigger: its ranking of triggered above clean images is what is
-    # stable (AUROC 0.94-1.0 over 8-16 epochs); the decision at 0.5 moves with the epochs (and moved
-    # with torch 2.14.1 at 8 epochs: 0.68), so the accuracy bound is looser
+    # the detector never saw this trigger (a checkerboard; its own patches are plain or random blocks)
     from sklearn.metrics import roc_auc_score
 
     auroc = roc_auc_score([1] * len(s_bad) + [0] * len(s_clean), torch.cat([s_bad, s_clean]).numpy())
     assert auroc >= 0.95, auroc
     acc = (float((s_bad > 0.5).float().mean()) + float((s_clean <= 0.5).float().mean())) / 2
-    assert acc >= 0.8, acc
+    assert acc >= 0.9, acc
     _, net2 = _ftd()
     assert torch.equal(d.scores(net2, planted.triggered), s_bad)
     # a +-1 grey-level change of 2 % of the sub-pixels (the multinomial trigger's size) is not seen

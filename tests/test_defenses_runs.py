@@ -33,7 +33,7 @@ TINY: dict[str, dict] = {
     "gradcam": {"clean_images": 43, "test_images": 20, "examples": 3},
     "spectral_signatures": {},
     "activation_clustering": {"clean_images": 86},
-    "ftd": {"clean_images": 86, "epochs": 1, "test_images": 20},
+    "ftd": {"clean_images": 86, "rounds": 1, "epochs": 1, "test_images": 20},
     "nad": {"clean_fraction": 0.2, "epochs": 2, "teacher_epochs": 1, "lr_drop_epoch": 1, "batch_size": 32},
     "mntd": {"shadow_models": 2, "shadow_images": 86, "shadow_epochs": 1, "queries": 2, "meta_epochs": 2},
 }

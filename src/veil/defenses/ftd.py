@@ -10,15 +10,19 @@ with its own clean images (label 0) against copies of other clean images carryin
 triggers it makes itself (label 1): no knowledge of the attack. The detection accuracy is measured
 on the run's clean test images against its attack's triggered test images, balanced.
 
-Readings (the official code, `YiZeng623/frequency-backdoor`, and `../shared/specs/defenses-
-baselines.md`): six 3x3 convolutions 32-32-64-64-128-128, each with ELU and batch norm, max-pooling
-and dropout 0.2 / 0.3 / 0.4 after each pair, a linear layer over 2 classes; Adadelta at 0.05 with
-weight decay 1e-4, batch 64. The synthetic triggers are three families drawn per image with equal
-chance, as the official generator's patch, blend and signal triggers: a random square patch (side
-2 to H/8 + 2, anywhere, random binary colours), a uniform-noise image blended at alpha in
-[0.05, 0.2], and a horizontal sinusoid of amplitude 10-30 grey levels (SIG-like). The DCT is of
-images on [0, 1]. The verdict: ``detected`` when the balanced detection accuracy exceeds 0.75
-(halfway between chance and perfect; the seed papers report the accuracy itself).
+Readings (the official code, `YiZeng623/frequency-backdoor`'s `Train_Detection.ipynb`, and
+`../shared/specs/defenses-baselines.md`): six 3x3 convolutions 32-32-64-64-128-128, each with ELU
+and batch norm, max-pooling and dropout 0.2 / 0.3 / 0.4 after each pair, a linear layer over 2
+classes; Adadelta at 0.05 with weight decay 1e-4, batch 64. The DCT is of the uint8 values
+(0-255), as the official code's. Every clean image is paired with a triggered copy of itself, and
+the copies are drawn afresh each ``epochs`` (a *round*; the official code: 5 rounds of 10 epochs
+over CIFAR-10's 50,000 images). The synthetic triggers are the official generator's five
+families, one per image with equal chance, sizes for 32x32 (scaled with the image): a white or a
+uniform-random block of 2-7 x 2-7 pixels at one of the four corners with a margin of 0-5; Gaussian
+noise of mean 25 and variance 10-70 grey levels; a random shadow (a pentagon in the lower half at
+half brightness, albumentations' RandomShadow); another clean image added at 0.3. The verdict:
+``detected`` when the balanced detection accuracy exceeds 0.75 (halfway between chance and
+perfect; the seed papers report the accuracy itself).
 """
 
 from __future__ import annotations
@@ -57,33 +61,57 @@ def dct_matrix(n: int) -> Tensor:
 
 
 def dct2(x: Tensor) -> Tensor:
-    """Per-channel orthonormal 2-D DCT of images ``(B, C, H, W)`` (float; uint8 read as [0, 1])."""
-    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    """Per-channel orthonormal 2-D DCT of images ``(B, C, H, W)``, of their values as given (uint8
+    images: of the 0-255 values, as the official code)."""
+    x = x.float()
     ch, cw = dct_matrix(x.shape[-2]).to(x.device), dct_matrix(x.shape[-1]).to(x.device)
     return ch @ x @ cw.T
 
 
+def _polygon_mask(h: int, w: int, generator: torch.Generator, vertices: int = 5) -> Tensor:
+    """A random simple polygon in the lower half of an ``h x w`` image (vertices sorted by angle
+    around their centroid), as a boolean mask."""
+    ys = h / 2 + torch.rand(vertices, generator=generator) * (h / 2)
+    xs = torch.rand(vertices, generator=generator) * w
+    order = torch.atan2(ys - ys.mean(), xs - xs.mean()).argsort()
+    ys, xs = ys[order], xs[order]
+    py, px = torch.meshgrid(torch.arange(h).float() + 0.5, torch.arange(w).float() + 0.5, indexing="ij")
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    for k in range(vertices):  # even-odd rule
+        y0, x0, y1, x1 = ys[k], xs[k], ys[(k + 1) % vertices], xs[(k + 1) % vertices]
+        crosses = (y0 > py) != (y1 > py)
+        at = x0 + (py - y0) * (x1 - x0) / (y1 - y0 + 1e-12)
+        inside ^= crosses & (px < at)
+    return inside
+
+
 def synthetic_triggers(images: Tensor, generator: torch.Generator) -> Tensor:
-    """The defender's own triggered copies of uint8 ``images`` ``(B, C, H, W)``: per image a random
-    patch, a blended noise image or a sinusoid (see the module docstring), as uint8."""
+    """The defender's own triggered copies of uint8 ``images`` ``(B, C, H, W)``: per image one of the
+    official generator's five families (see the module docstring), as uint8."""
     x = to_float(images).clone()
     b, c, h, w = x.shape
-    family = torch.randint(0, 3, (b,), generator=generator)
+    scale_h, scale_w = h / 32, w / 32
+    family = torch.randint(0, 5, (b,), generator=generator)
     for i in range(b):
-        if family[i] == 0:
-            side = int(torch.randint(2, max(3, h // 8 + 3), (1,), generator=generator))
-            side = min(side, h, w)
-            top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
-            x[i, :, top:top + side, left:left + side] = torch.randint(0, 2, (c, side, side), generator=generator).float()
-        elif family[i] == 1:
-            alpha = 0.05 + 0.15 * float(torch.rand(1, generator=generator))
-            x[i] = (1 - alpha) * x[i] + alpha * torch.rand(c, h, w, generator=generator)
-        else:
-            amp = (10 + 20 * float(torch.rand(1, generator=generator))) / 255
-            freq = 2 + 4 * float(torch.rand(1, generator=generator))
-            wave = amp * torch.sin(2 * math.pi * torch.arange(w).float() * freq / w)
-            x[i] = x[i] + wave.view(1, 1, w)
+        f = int(family[i])
+        if f in (0, 1):  # a white or a random block at a corner
+            ph = max(1, round(int(torch.randint(2, 8, (1,), generator=generator)) * scale_h))
+            pw = max(1, round(int(torch.randint(2, 8, (1,), generator=generator)) * scale_w))
+            margin = int(torch.randint(0, 6, (1,), generator=generator))
+            corner = int(torch.randint(0, 4, (1,), generator=generator))
+            my, mx = min(round(margin * scale_h), h - ph), min(round(margin * scale_w), w - pw)
+            top = my if corner in (0, 1) else h - my - ph
+            left = mx if corner in (0, 2) else w - mx - pw
+            block = torch.ones(c, ph, pw) if f == 0 else torch.rand(c, ph, pw, generator=generator)
+            x[i, :, top:top + ph, left:left + pw] = block
+        elif f == 2:  # Gaussian noise, mean 25, variance 10-70 (grey levels)
+            var = 10 + 60 * float(torch.rand(1, generator=generator))
+            x[i] = x[i] + (25 + var ** 0.5 * torch.randn(c, h, w, generator=generator)) / 255
+        elif f == 3:  # a random shadow
+            x[i] = torch.where(_polygon_mask(h, w, generator), x[i] * 0.5, x[i])
+        else:  # another clean image added at 0.3
+            other = int(torch.randint(0, b, (1,), generator=generator))
+            x[i] = x[i] + 0.3 * to_float(images[other])
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -112,9 +140,10 @@ class FTD(Detector):
     on the defender's clean images against its own synthetic triggers.
 
     Options (``Config``):
-        clean_images: the defender's clean images (5000), half kept clean, half given synthetic
-            triggers; clean_source: ``"train"`` (default: the run's clean training split) or ``"test"``.
-        epochs (10), batch_size (64), lr (0.05, Adadelta), weight_decay (1e-4).
+        clean_images: the defender's clean images (5000), each also given a synthetic trigger;
+            clean_source: ``"train"`` (default: the run's clean training split) or ``"test"``.
+        rounds (5): fresh synthetic triggers per round; epochs (10) per round; batch_size (64),
+            lr (0.05, Adadelta), weight_decay (1e-4): the official code's.
         test_images: clean test images and triggered test images evaluated, each (1000).
         seed: seed of the subsets, the synthetic triggers and the training.
 
@@ -126,6 +155,7 @@ class FTD(Detector):
     class Config(DefenseConfig):
         clean_images: int = 5000
         clean_source: str = "train"
+        rounds: int = 5
         epochs: int = 10
         batch_size: int = 64
         lr: float = 0.05
@@ -135,10 +165,8 @@ class FTD(Detector):
 
         def __post_init__(self) -> None:
             check_source(self.clean_source)
-            for name in ("clean_images", "epochs", "batch_size", "test_images"):
+            for name in ("clean_images", "rounds", "epochs", "batch_size", "test_images"):
                 check_positive(getattr(self, name), name)
-            if self.clean_images < 2:
-                raise ConfigError("FTD clean_images must be at least 2 (half clean, half with synthetic triggers)")
             for name in ("lr", "weight_decay"):
                 v = getattr(self, name)
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
@@ -147,31 +175,33 @@ class FTD(Detector):
     config: Config
 
     def fit_detector(self, clean: ImageDataset) -> FrequencyDetector:
-        """Train the detector on ``clean`` (half of it given synthetic triggers)."""
+        """Train the detector on ``clean`` against triggered copies of the same images, drawn afresh
+        for each of ``rounds`` rounds of ``epochs`` epochs."""
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        order = torch.randperm(len(clean), generator=g)
-        half = len(clean) // 2
-        bad = synthetic_triggers(clean.images[order[half:]], g)
-        images = torch.cat([clean.images[order[:half]], bad])
-        labels = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(len(bad), dtype=torch.long)])
-        x = dct2(images)
-        _, c, h, w = x.shape
+        h, w = clean.images.shape[-2:]
         if h < 8 or w < 8:
             raise ConfigError(f"FTD needs images of at least 8x8 pixels (three 2x poolings), got {h}x{w}")
-        net = FrequencyDetector(c, (h, w))
+        clean_x = dct2(clean.images)
+        labels = torch.cat([torch.zeros(len(clean), dtype=torch.long), torch.ones(len(clean), dtype=torch.long)])
+        net = FrequencyDetector(clean.images.shape[1], (h, w))
         opt = torch.optim.Adadelta(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         net.train()
-        for _ in tqdm(range(cfg.epochs), desc="ftd", unit="epoch", leave=False, disable=not self.progress or None):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                if idx.numel() < 2:
-                    continue
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x[idx]), labels[idx]).backward()
-                opt.step()
+        bar = tqdm(total=cfg.rounds * cfg.epochs, desc="ftd", unit="epoch", leave=False, disable=not self.progress or None)
+        for _ in range(cfg.rounds):
+            x = torch.cat([clean_x, dct2(synthetic_triggers(clean.images, g))])
+            for _ in range(cfg.epochs):
+                perm = torch.randperm(len(x), generator=g)
+                for i in range(0, len(x), cfg.batch_size):
+                    idx = perm[i:i + cfg.batch_size]
+                    if idx.numel() < 2:
+                        continue
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(net(x[idx]), labels[idx]).backward()
+                    opt.step()
+                bar.update(1)
+        bar.close()
         return net.eval()
 
     @staticmethod
@@ -186,7 +216,8 @@ class FTD(Detector):
         cfg = self.config
         clean, clean_test, poisoned = input_detection_sets(loaded, train, test, cfg.clean_images, cfg.clean_source,
                                                            cfg.test_images, cfg.seed, self.name)
-        log.info("ftd: detector on %d clean images (half with synthetic triggers), %d epochs", len(clean), cfg.epochs)
+        log.info("ftd: detector on %d clean images and their synthetic-trigger copies, %d rounds of %d epochs",
+                 len(clean), cfg.rounds, cfg.epochs)
         net = self.fit_detector(clean)
         s_clean, s_bad = self.scores(net, clean_test.images), self.scores(net, poisoned.images)
         tpr = float((s_bad > 0.5).float().mean()) if s_bad.numel() else float("nan")
@@ -199,12 +230,12 @@ class FTD(Detector):
             "columns": ["inputs", "count", "flagged %"],
             "rows": [["clean (test)", int(s_clean.numel()), round(100 * fpr, 2)],
                      ["triggered (test)", int(s_bad.numel()), round(100 * tpr, 2)]],
-            "note": f"balanced detection accuracy {100 * acc:.2f} %, AUROC {area:.4f}; detector trained {cfg.epochs} epochs "
-                    f"on {len(clean)} clean images, half with synthetic triggers",
+            "note": f"balanced detection accuracy {100 * acc:.2f} %, AUROC {area:.4f}; detector trained {cfg.rounds} rounds of {cfg.epochs} epochs "
+                    f"on {len(clean)} clean images and their synthetic-trigger copies",
         })
         return DetectionResult(
             defense=self.name, detected=bool(acc > 0.75), score=acc, threshold=0.75,
             metrics={"accuracy": acc, "tpr": tpr, "fpr": fpr, "auroc": area},
             extra={"clean_images": len(clean), "clean_test_inputs": int(s_clean.numel()),
-                   "triggered_test_inputs": int(s_bad.numel()), "epochs": cfg.epochs},
+                   "triggered_test_inputs": int(s_bad.numel()), "rounds": cfg.rounds, "epochs": cfg.epochs},
         )
