@@ -10,13 +10,13 @@ with its own clean images (label 0) against copies of other clean images carryin
 triggers it makes itself (label 1): no knowledge of the attack. The detection accuracy is measured
 on the run's clean test images against its attack's triggered test images, balanced.
 
-Readings (the official code, `YiZeng623/frequency-backdoor`'s `Train_Detection.ipynb`, and
-`../shared/specs/defenses-baselines.md`): six 3x3 convolutions 32-32-64-64-128-128, each with ELU
+Readings (the official code, `YiZeng623/frequency-backdoor`'s `Train_Detection.ipynb`, and the
+shared spec defenses-baselines.md): six 3x3 convolutions 32-32-64-64-128-128, each with ELU
 and batch norm, max-pooling and dropout 0.2 / 0.3 / 0.4 after each pair, a linear layer over 2
 classes; Adadelta at 0.05 with weight decay 1e-4, batch 64. The DCT is of the uint8 values
 (0-255), as the official code's. Every clean image is paired with a triggered copy of itself, and
-the copies are drawn afresh each ``epochs`` (a *round*; the official code: 5 rounds of 10 epochs
-over CIFAR-10's 50,000 images). The synthetic triggers are the official generator's five
+the copies are drawn afresh for each round of ``epochs`` epochs (the official code: 5 rounds of 10
+epochs over CIFAR-10's 50,000 images). The synthetic triggers are the official generator's five
 families, one per image with equal chance, sizes for 32x32 (scaled with the image): a white or a
 uniform-random block of 2-7 x 2-7 pixels at one of the four corners with a margin of 0-5; Gaussian
 noise of mean 25 and variance 10-70 grey levels; a random shadow (a pentagon in the lower half at

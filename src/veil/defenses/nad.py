@@ -10,17 +10,17 @@ clean data with cross-entropy plus the attention distillation loss (eq. 2-3 of t
 
 (the mean-squared form of the official code, `bboylyg/NAD`, which is what its beta is scaled for).
 
-Readings (the official defaults, `../shared/specs/defenses-baselines.md`): p = 2; beta 5000 on the
-last stage only (beta1 = beta2 = 0, the official config.py before its last revision); veil's
-stage is the deepest of ``model.feature_layers()``, e.g. ``layer4`` (for a ViT block the map is
-over tokens); 20 epochs,
-batch 64, SGD with Nesterov momentum 0.9, weight decay 1e-4, learning rate 0.01 throughout: the
-official schedule (0.1 for the first 2 epochs, 0.01 afterwards, ``lr=0.1``; two constant-rate
-phases) starts at the rate its victims were trained at, and on veil's victims (trained at 0.05,
-cosine) its first 2 epochs collapse the student (clean accuracy 0.06 on the BadNets foundation
-run; docs/defenses.md); the teacher is fine-tuned with the same optimiser for 10 epochs (the official
-``te_epochs``); random-crop augmentation as the official loaders. The clean set is drawn from the
-run's clean training split, stratified; the result is measured on the whole test set.
+Readings (the official defaults, as the shared spec defenses-baselines.md reads them): p = 2;
+beta 5000 on the last stage only (beta1 = beta2 = 0, the official config.py before its last
+revision, which moved to 500 / 1000 / 1000 on three groups); veil's stage is the deepest of
+``model.feature_layers()``, e.g. ``layer4`` (for a ViT block the map is over tokens); 20 epochs,
+batch 64, SGD with Nesterov momentum 0.9, weight decay 1e-4; the teacher is fine-tuned with the
+same optimiser for 10 epochs (the official ``te_epochs``); random-crop augmentation as the
+official loaders. The learning rate is 0.01 throughout: the official schedule (0.1 for the first
+2 epochs, then 0.01; ``lr=0.1``, run as two constant-rate phases) starts at the rate its victims
+were trained at, and on veil's victims (0.05, cosine) it collapses the student (clean accuracy
+0.06 on the BadNets foundation run; docs/defenses.md). The clean set is drawn from the run's clean
+training split, stratified; the result is measured on the whole test set.
 """
 
 from __future__ import annotations
