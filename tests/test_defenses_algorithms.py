@@ -25,7 +25,7 @@ from veil.defenses.fine_pruning import (
     pruning_curve,
     pruning_order,
 )
-from veil.defenses.gradcam import grad_cam, inpaint, mask_attention
+from veil.defenses.gradcam import februus_threshold, grad_cam, inpaint, mask_attention
 from veil.defenses.neural_cleanse import anomaly_index, reverse_engineer_triggers
 from veil.defenses.spectral_signatures import spectral_flags, spectral_scores
 from veil.defenses.strip import strip_entropy
@@ -485,3 +485,10 @@ def test_ftd_flags_a_patch_trigger_and_not_clean_images_deterministically(plante
     s_faint = d.scores(net, (x + flip).clamp(0, 255).to(torch.uint8))
     faint = (float((s_faint > 0.5).float().mean()) + float((s_clean <= 0.5).float().mean())) / 2
     assert 0.35 <= faint <= 0.65, faint
+
+
+def test_februus_threshold_is_the_official_release_value_per_dataset():
+    """MASK_COND of the official Februus code: 0.8 for traffic signs (every GTSRB variant), 0.7 (its
+    CIFAR-10 value) elsewhere."""
+    assert februus_threshold("gtsrb") == februus_threshold("gtsrb_sample") == 0.8
+    assert februus_threshold("cifar10") == februus_threshold("cifar10_subset") == 0.7

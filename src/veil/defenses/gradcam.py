@@ -14,8 +14,8 @@ the attention of a backdoored model (the heatmaps the semantic and frequency-dom
 to argue that their triggers do not). Februus removes the high-attention region of every input and
 restores it with an inpainter; here the region where the heatmap of the predicted class reaches
 ``threshold`` (the official release's ``MASK_COND``: 0.8 on GTSRB, 0.7 on CIFAR-10) is removed and
-restored by OpenCV's inpainting (Telea, "An image inpainting technique
-based on the fast marching method", 2004; radius 3) in place of Februus's GAN, or, the masked-only
+restored by OpenCV's inpainting (Telea, "An image inpainting technique based on the fast marching
+method", 2004; radius 3) in place of Februus's GAN, or, the masked-only
 variant, filled with the mean colour of the defender's clean images. Both variants are measured on
 every run: the share of triggered inputs whose backdoor each removes, and the clean accuracy and
 robust accuracy after it.
