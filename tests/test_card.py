@@ -59,8 +59,17 @@ def test_card_runs_every_applicable_defense_on_both_runs_and_resumes(runs):
                         options={"strip": {**OPTIONS["strip"], "superimpose": 3}}, progress=False)
     assert [r["defense"] for r in changed["rows"]] == ["strip"] and changed["rows"][0]["attack"]["reused"] is False
     matrix = card_matrix([card, changed])
-    assert matrix["columns"][:2] == ["attack (model)", "clean model's ASR"] and len(matrix["rows"]) == 2
+    # two attack rows, then the one clean reference's row (its false positives)
+    assert matrix["columns"][:2] == ["attack (model)", "clean model's ASR"] and len(matrix["rows"]) == 3
     assert matrix["rows"][0][matrix["columns"].index("patch_processing")] == "n/a"
+    assert matrix["rows"][1][matrix["columns"].index("nad")] == "not run"  # the second card ran strip only
+    ref_row = matrix["rows"][2]
+    assert ref_row[0].startswith("clean reference none") and ref_row[matrix["columns"].index("strip")].endswith(" s]")
+    # an option that only says where reusable work is kept does not make a result stale
+    kept = make_card(runs["badnets"], runs["none"], defenses=["ftd"],
+                     options={"ftd": {**OPTIONS["ftd"], "detector_dir": str(runs["badnets"].parent / "ftd_detectors")}},
+                     progress=False)
+    assert kept["rows"][0]["attack"]["reused"] and kept["rows"][0]["clean"]["reused"]
 
 
 def test_card_errors(runs):
@@ -99,5 +108,16 @@ def test_cli_card_writes_the_matrix_and_report_and_flags_no_augmentation(runs, t
     assert "stealth cards: attacks x defenses" in html and "stealth card: badnets" in html
     assert main(["card", str(plain)]) == 2
     assert "needs a clean reference" in capsys.readouterr().err
+    # the matrix again from the cards the runs have, nothing run
+    again = tmp_path / "again"
+    assert main(["--quiet", "card", str(plain), str(runs["badnets"]), "--from-cards", "--out", str(again)]) == 0
+    assert (again / "card_matrix.md").read_text().count("\n| badnets") == 2
+    assert main(["card", str(tmp_path / "nothing"), "--from-cards", "--out", str(again)]) == 2
+    assert "has no card yet" in capsys.readouterr().err
+    assert main(["card", str(plain), "--from-cards"]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    assert main(["card", str(plain), str(runs["badnets"]), "--reference", str(runs["none"]), "--reference",
+                 str(runs["none"]), "--reference", str(runs["none"])]) == 2
+    assert "one per run: 2 runs, 3 references" in capsys.readouterr().err
     assert main(["card", str(plain), "--reference", str(runs["none"]), "--opt", "superimpose=3"]) == 2
     assert "DEFENSE.NAME=VALUE" in capsys.readouterr().err

@@ -487,6 +487,29 @@ def test_ftd_flags_a_patch_trigger_and_not_clean_images_deterministically(plante
     assert 0.35 <= faint <= 0.65, faint
 
 
+def test_ftd_keeps_its_detector_for_the_same_clean_images_and_options(tmp_path):
+    """The detector does not depend on the suspect: with detector_dir it is trained once per clean
+    set and options, and reused."""
+    from veil.defenses.ftd import FTD
+
+    def make(**kw):
+        opts = {"clean_images": 200, "rounds": 1, "epochs": 1, "batch_size": 32, "detector_dir": str(tmp_path), **kw}
+        return FTD(FTD.Config(**opts), progress=False)
+
+    clean, other = colours(200, seed=5), colours(200, seed=6)
+    d = make()
+    first = d.detector(clean)
+    files = list(tmp_path.glob("ftd-*.safetensors"))
+    assert len(files) == 1 and d.detector_file(clean) == files[0]
+    again = make(test_images=10).detector(clean)  # the evaluation budget does not change the detector
+    probe = colours(20, seed=7).images
+    assert torch.equal(d.scores(first, probe), d.scores(again, probe))
+    assert len(list(tmp_path.glob("ftd-*.safetensors"))) == 1
+    # other clean images or another training budget: another detector
+    assert d.detector_file(other) != files[0] and make(epochs=2).detector_file(clean) != files[0]
+    assert FTD(FTD.Config()).detector_file(clean) is None  # not kept without detector_dir
+
+
 def test_februus_threshold_is_the_official_release_value_per_dataset():
     """MASK_COND of the official Februus code: 0.8 for traffic signs (every GTSRB variant), 0.7 (its
     CIFAR-10 value) elsewhere."""

@@ -144,6 +144,10 @@ def test_results_carry_the_numbers_each_paper_reports(runs):
     assert mntd.threshold == 0.5 and 0 <= mntd.score <= 1 and mntd.detected == (mntd.score > 0.5)
     assert mntd.extra["scale"]["shadow_models_per_kind"] == 2 and len(mntd.extra["heldout_scores"]) == 2
     assert len(mntd.extra["shadow_accuracy"]) == 4 and len(mntd.extra["shadow_asr"]) == 2
+    assert 0 <= mntd.extra["suspect_accuracy"] <= 1
+    # the shadows sit in a subfolder named by the architecture and a digest of their settings
+    shadows = list((bad / "defenses" / "mntd" / "shadows").glob("preact_resnet18-*/shadow*.safetensors"))
+    assert len(shadows) == 4, shadows
     clean = load_result(runs["none"] / "defenses" / "spectral_signatures" / "result.json")
     assert clean.extra["poisoned_count"] == 0 and math.isnan(clean.metrics["tpr"])  # no poison
     assert load_result(runs["none"] / "defenses" / "neural_cleanse" / "result.json").metrics == {}

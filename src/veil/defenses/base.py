@@ -245,6 +245,9 @@ class Defense:
     name: ClassVar[str] = "defense"
     kind: ClassVar[str] = "defense"
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    #: options that say only where reusable work is kept (MNTD's shadows, FTD's detector), not
+    #: what is computed: a result made with other values of them still answers the same question
+    STORAGE_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: DefenseConfig | None = None, progress: bool = True) -> None:
         config = self.Config() if config is None else config
@@ -276,6 +279,10 @@ class Defense:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, **_plain(dataclasses.asdict(self.config))}
+
+    def describe_work(self) -> dict[str, Any]:
+        """:meth:`describe` without the :attr:`STORAGE_OPTIONS`: what decides the result."""
+        return {k: v for k, v in self.describe().items() if k not in self.STORAGE_OPTIONS}
 
     @classmethod
     def not_applicable(cls, model: nn.Module) -> str | None:

@@ -81,16 +81,18 @@ def cell_short(result: MitigationResult | DetectionResult) -> str:
 
 
 def cached_result(name: str, run_dir: str | Path, options: dict[str, Any]) -> MitigationResult | DetectionResult | None:
-    """The result in ``RUN/defenses/NAME/result.json`` if it was made with these options, else ``None``."""
+    """The result in ``RUN/defenses/NAME/result.json`` if it was made with these options (those that
+    only say where reusable work is kept aside), else ``None``."""
     path = defense_dir(run_dir, name) / RESULT_FILE
     if not path.exists():
         return None
-    wanted = create_defense(name, progress=False, **options).describe()
+    defense = create_defense(name, progress=False, **options)
     try:
         old = load_result(path)
     except (ConfigError, OSError, ValueError):
         return None
-    return old if old.config == wanted else None
+    kept = {k: v for k, v in old.config.items() if k not in defense.STORAGE_OPTIONS}
+    return old if kept == defense.describe_work() else None
 
 
 def apply_defense(name: str, run_dir: str | Path, options: dict[str, Any], rerun: bool = False,
@@ -226,25 +228,54 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines + ["", table["note"] + ".", ""])
 
 
+def load_card(run_dir: str | Path) -> dict[str, Any]:
+    """The card :func:`make_card` wrote for ``run_dir`` (``RUN/card/card.json``).
+
+    Raises:
+        ConfigError: the run has no card yet, or its card cannot be read.
+    """
+    from veil.records import read_json
+
+    path = Path(run_dir) / CARD_DIR / "card.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} has no card yet ({path} is missing): run veil card on it with its --reference first")
+    card = read_json(path)
+    if not isinstance(card, dict) or not {"attack", "model", "rows", "reference"} <= set(card):
+        raise ConfigError(f"{path} is not a stealth card")
+    return card
+
+
 def card_matrix(cards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Attacks x defenses: one row per card, one column per defense, each cell the defense's
-    figure on the attack run with its time; the clean model's success rate per attack."""
+    figure on the attack run with its time; the clean model's success rate per attack; then one
+    row per distinct clean reference with the same defenses' figures on it (the false positives).
+    A defense a card did not run reads "not run"; one that cannot apply to the model, "n/a"."""
     names: list[str] = []
     for c in cards:
         names += [r["defense"] for r in c["rows"] if r["defense"] not in names]
-    rows = []
-    for c in cards:
-        by = {r["defense"]: r for r in c["rows"]}
-        row: list[Any] = [f"{c['attack']} ({c['model']})", f"{_f(100 * c['natural_asr'], 1)} %"]
+
+    def cells(card: dict[str, Any], side: str) -> list[str]:
+        by = {r["defense"]: r for r in card["rows"]}
+        out = []
         for n in names:
             r = by.get(n)
             if r is None:
-                row.append("")
+                out.append("not run")
             elif "skipped" in r:
-                row.append("n/a")
+                out.append("n/a")
             else:
-                row.append(f"{r['attack']['short']} [{_f(r['attack']['seconds'], 0)} s]")
-        rows.append(row)
+                out.append(f"{r[side]['short']} [{_f(r[side]['seconds'], 0)} s]")
+        return out
+
+    rows = [[f"{c['attack']} ({c['model']})", f"{_f(100 * c['natural_asr'], 1)} %", *cells(c, "attack")] for c in cards]
+    references: dict[str, list[dict[str, Any]]] = {}
+    for c in cards:
+        references.setdefault(str(c["reference"]), []).append(c)
+    for ref, group in references.items():
+        # each card of this reference holds the defenses it ran on it; merge them
+        merged = {"rows": [r for r in (next((x for g in group for x in g["rows"] if x["defense"] == n), None) for n in names) if r]}
+        rows.append([f"clean reference {Path(ref).name} ({group[0]['model']})", "-", *cells(merged, "clean")])
     return {"title": "stealth cards: attacks x defenses (figure on the attack run [time])",
             "columns": ["attack (model)", "clean model's ASR", *names], "rows": rows,
-            "note": "each defense's false positives on the clean reference are in the run's own card"}
+            "note": "the last rows are the clean references: a detector's verdict there is a false positive, a "
+                    "mitigator's figures its cost on a model with no backdoor"}

@@ -18,8 +18,9 @@ The result goes to ``RUN/defenses/NAME/result.json`` with figures and tables bes
 report shows them).
 
 ``veil card RUN [RUN ...] --reference CLEAN_RUN`` runs every applicable defense on each attack run
-and on the clean reference (:mod:`veil.defenses.card`); with ``--out DIR`` it also writes the attacks
-x defenses matrix and an HTML report over the runs there. Wired into :mod:`veil.cli` by
+and on the clean reference (:mod:`veil.defenses.card`; one ``--reference`` per run where the runs'
+models differ); with ``--out DIR`` it also writes the attacks x defenses matrix and an HTML report
+over the runs there, and ``--from-cards --out DIR`` lays out the cards the runs already have. Wired into :mod:`veil.cli` by
 :func:`add_parser` and :func:`add_card_parser`.
 """
 
@@ -122,7 +123,8 @@ def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "RUN/card/card.md and card.json, and with --out the attacks x defenses matrix and an HTML report.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="attack run folder(s)")
-    p.add_argument("--reference", default=None, metavar="CLEAN_RUN", help="clean run on the same data (required)")
+    p.add_argument("--reference", action="append", default=[], metavar="CLEAN_RUN",
+                   help="clean run on the same data (required): once for every run, or once per run in their order")
     p.add_argument("--defenses", default=None, metavar="A,B,...", help="defenses to run (default: every applicable one)")
     p.add_argument("--opt", action="append", type=_option, default=[], metavar="DEFENSE.NAME=VALUE",
                    help="a defense's option, repeatable (e.g. --opt strip.superimpose=50)")
@@ -131,6 +133,8 @@ def add_card_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on a stratified subset of N test images")
     p.add_argument("--rerun", action="store_true", help="run every defense again, even where a result with the same options exists")
+    p.add_argument("--from-cards", action="store_true",
+                   help="run nothing: lay the cards the runs already have (RUN/card/card.json) out as the matrix (needs --out)")
     p.set_defaults(func=cmd_card)
     return p
 
@@ -152,12 +156,25 @@ def cmd_card(args: argparse.Namespace) -> int:
         options.setdefault(defense, {})[name] = value
     defenses = [d for d in args.defenses.replace(" ", "").split(",") if d] if args.defenses else None
     cards = []
-    for run in args.runs:
-        card = make_card(run, args.reference, defenses=defenses, options=options, device=resolve_device(args.device),
-                         data_root=args.data_root, test_subset=args.test_subset, rerun=args.rerun,
-                         progress=not getattr(args, "quiet", False))
-        cards.append(card)
-        print(card_markdown(card))
+    if args.from_cards:
+        from veil.defenses.card import load_card
+
+        if not args.out:
+            raise ConfigError("--from-cards lays existing cards out as the matrix: give --out DIR")
+        if args.reference or args.opt or defenses or args.rerun:
+            raise ConfigError("--from-cards runs nothing: --reference, --defenses, --opt and --rerun do not apply")
+        cards = [load_card(run) for run in args.runs]
+    else:
+        if len(args.reference) not in (0, 1, len(args.runs)):
+            raise ConfigError(f"give one --reference for every run or one per run: {len(args.runs)} runs, "
+                              f"{len(args.reference)} references")
+        references = args.reference * len(args.runs) if len(args.reference) == 1 else args.reference or [None] * len(args.runs)
+        for run, reference in zip(args.runs, references):
+            card = make_card(run, reference, defenses=defenses, options=options, device=resolve_device(args.device),
+                             data_root=args.data_root, test_subset=args.test_subset, rerun=args.rerun,
+                             progress=not getattr(args, "quiet", False))
+            cards.append(card)
+            print(card_markdown(card))
     if args.out:
         from veil.report.html import write_report
 
@@ -167,6 +184,7 @@ def cmd_card(args: argparse.Namespace) -> int:
         lines = ["| " + " | ".join(matrix["columns"]) + " |", "|" + "---|" * len(matrix["columns"])]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in matrix["rows"]]
         atomic_write_bytes(out / "card_matrix.md", ("\n".join([f"# {matrix['title']}", "", *lines, ""])).encode("utf-8"))
-        write_report([*args.runs, args.reference], out / "card.html", title="veil stealth cards", tables=[matrix])
+        refs = list(dict.fromkeys(str(c["reference"]) for c in cards))
+        write_report([*args.runs, *refs], out / "card.html", title="veil stealth cards", tables=[matrix])
         print(f"matrix -> {out / 'card_matrix.md'}, report -> {out / 'card.html'}")
     return 0

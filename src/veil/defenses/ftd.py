@@ -22,11 +22,16 @@ uniform-random block of 2-7 x 2-7 pixels at one of the four corners with a margi
 noise of mean 25 and variance 10-70 grey levels; a random shadow (a pentagon in the lower half at
 half brightness, albumentations' RandomShadow); another clean image added at 0.3. The verdict:
 ``detected`` when the balanced detection accuracy exceeds 0.75 (halfway between chance and
-perfect; the seed papers report the accuracy itself).
+perfect; the seed papers report the accuracy itself). The detector depends on the defender's clean
+images and its options only, never on the suspect: with ``detector_dir`` it is stored there
+(safetensors, named by a digest of both) and reused for every run on the same data.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -146,6 +152,8 @@ class FTD(Detector):
             lr (0.05, Adadelta), weight_decay (1e-4): the official code's.
         test_images: clean test images and triggered test images evaluated, each (1000).
         seed: seed of the subsets, the synthetic triggers and the training.
+        detector_dir: where trained detectors are kept and reused (default: not kept); a detector
+            is reused only for the same clean images and options.
 
     Writes ``tables/ftd.json``. Result: ``score`` the balanced detection accuracy, ``metrics``
     ``accuracy``, ``tpr`` (triggered inputs flagged), ``fpr`` (clean inputs flagged), ``auroc``.
@@ -162,6 +170,7 @@ class FTD(Detector):
         weight_decay: float = 1e-4
         test_images: int = 1000
         seed: int = 0
+        detector_dir: str | None = None
 
         def __post_init__(self) -> None:
             check_source(self.clean_source)
@@ -173,6 +182,35 @@ class FTD(Detector):
                     raise ConfigError(f"FTD {name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
 
     config: Config
+    STORAGE_OPTIONS = ("detector_dir",)
+
+    def detector_file(self, clean: ImageDataset) -> Path | None:
+        """Where the detector for these clean images and options is kept (``None`` without ``detector_dir``)."""
+        cfg = self.config
+        if cfg.detector_dir is None:
+            return None
+        work = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("detector_dir", "test_images")}
+        digest = hashlib.sha256(json.dumps(work, sort_keys=True).encode())
+        digest.update(str(tuple(clean.images.shape)).encode())
+        digest.update(clean.images.contiguous().numpy().tobytes())
+        return Path(cfg.detector_dir) / f"ftd-{digest.hexdigest()[:20]}.safetensors"
+
+    def detector(self, clean: ImageDataset) -> FrequencyDetector:
+        """The detector for ``clean``: loaded from ``detector_dir`` when kept there, else trained
+        (:meth:`fit_detector`) and kept there when ``detector_dir`` is set."""
+        path = self.detector_file(clean)
+        if path is not None and path.exists():
+            net = FrequencyDetector(clean.images.shape[1], tuple(clean.images.shape[-2:]))  # type: ignore[arg-type]
+            net.load_state_dict(load_file(str(path)))
+            log.info("ftd: reusing the detector in %s", path)
+            return net.eval()
+        net = self.fit_detector(clean)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+            tmp.replace(path)
+        return net
 
     def fit_detector(self, clean: ImageDataset) -> FrequencyDetector:
         """Train the detector on ``clean`` against triggered copies of the same images, drawn afresh
@@ -218,7 +256,7 @@ class FTD(Detector):
                                                            cfg.test_images, cfg.seed, self.name)
         log.info("ftd: detector on %d clean images and their synthetic-trigger copies, %d rounds of %d epochs",
                  len(clean), cfg.rounds, cfg.epochs)
-        net = self.fit_detector(clean)
+        net = self.detector(clean)
         s_clean, s_bad = self.scores(net, clean_test.images), self.scores(net, poisoned.images)
         tpr = float((s_bad > 0.5).float().mean()) if s_bad.numel() else float("nan")
         fpr = float((s_clean > 0.5).float().mean()) if s_clean.numel() else float("nan")

@@ -15,13 +15,16 @@ Scale: the paper trains 2,048 shadow models of each kind; here ``shadow_models``
 (default 24) on ``shadow_images`` clean training images (default 2,000) for ``shadow_epochs``
 (default 4), at the suspect's architecture and width. The scale is in the result's ``extra``.
 Shadow models and the meta-classifier do not depend on the suspect: they are stored (safetensors)
-in ``shadow_dir`` (default ``OUT/shadows``), reused by later runs with the same settings and
-resumed shadow by shadow after an interruption.
+in a subfolder of ``shadow_dir`` (default ``OUT/shadows``) named by the architecture and a digest of
+the settings, reused by later runs with the same settings and resumed shadow by shadow after an
+interruption. The result states the suspect's clean accuracy beside the shadows': a suspect far
+better trained than its shadows is judged by extrapolation (a warning says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -237,13 +240,14 @@ class MNTD(Detector):
                 raise ConfigError(f"meta_lr must be a positive number, got {self.meta_lr!r}")
 
     config: Config
+    STORAGE_OPTIONS = ("shadow_dir",)
 
     # ------------------------------------------------------------------ run
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> DetectionResult:
         from veil.models import create_model
+        from veil.train import predict
 
         cfg = self.config
-        folder = Path(cfg.shadow_dir) if cfg.shadow_dir else out_dir / "shadows"
         clean, _ = defender_data(train, test, cfg.shadow_images, "train", cfg.seed, self.name)
         dev = module_device(loaded.model)
         arch = dict(loaded.model.config)
@@ -254,6 +258,9 @@ class MNTD(Detector):
         settings = {"model": arch, "dataset": loaded.config.dataset, "image_size": loaded.config.image_size,
                     "shadow_models": cfg.shadow_models, "shadow_images": cfg.shadow_images,
                     "shadow_epochs": cfg.shadow_epochs, "seed": cfg.seed}
+        # one subfolder per settings: runs of other architectures or scales share a shadow_dir
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        folder = (Path(cfg.shadow_dir) if cfg.shadow_dir else out_dir / "shadows") / f"{arch.get('name', 'model')}-{key}"
         # the shadows' accuracy and ASR are diagnostics: a seeded share of the test set keeps their cost
         # (two passes over 12,630 GTSRB images took 25 s of a shadow's 40 s) below the training's
         diagnostics = test.subset(seeded_rows(len(test), SHADOW_EVAL_IMAGES, cfg.seed + 7))
@@ -277,6 +284,13 @@ class MNTD(Detector):
             save_file({k: v.detach().cpu().contiguous() for k, v in meta.state_dict().items()}, str(meta_file))
         scores = torch.tensor([meta_score(meta, models[i]) for i in test_idx])
         suspect = meta_score(meta, loaded.model)
+        with eval_mode(loaded.model):
+            suspect_acc = float((predict(loaded.model, diagnostics.images) == diagnostics.labels).float().mean())
+        shadow_acc = sum(s["accuracy"] for s in shadows) / len(shadows)
+        if suspect_acc - shadow_acc > 0.2:
+            log.warning("MNTD: the suspect's clean accuracy (%.3f) is far above its shadows' (mean %.3f): the meta-classifier "
+                        "judges a model unlike those it learned from; train the shadows longer (shadow_epochs, shadow_images)",
+                        suspect_acc, shadow_acc)
         labels = torch.tensor([float(shadows[i]["label"]) for i in range(len(shadows))])
         truth = labels[test_idx]
         area = auroc(scores[truth == 1], scores[truth == 0])
@@ -292,7 +306,8 @@ class MNTD(Detector):
                 ["verdict", "backdoored" if detected else "clean"],
                 ["held-out shadows' AUROC", None if math.isnan(area) else round(area, 4)],
                 ["held-out shadows' accuracy", round(acc, 4)],
-                ["shadows' mean clean accuracy", round(sum(s["accuracy"] for s in shadows) / len(shadows), 4)],
+                ["suspect model's clean accuracy", round(suspect_acc, 4)],
+                ["shadows' mean clean accuracy", round(shadow_acc, 4)],
                 ["backdoored shadows' mean ASR", round(sum(s["asr"] for s in backdoored) / len(backdoored), 4)],
             ],
             "note": f"{cfg.shadow_images} clean training images, {cfg.shadow_epochs} epochs each, {cfg.queries} tuned queries, "
@@ -306,7 +321,7 @@ class MNTD(Detector):
                 "scale": {"shadow_models_per_kind": per_kind, "shadow_images": cfg.shadow_images,
                           "shadow_epochs": cfg.shadow_epochs, "paper_shadow_models_per_kind": 2048},
                 "heldout_scores": scores.tolist(), "heldout_labels": truth.tolist(),
-                "shadow_accuracy": [s["accuracy"] for s in shadows],
+                "suspect_accuracy": suspect_acc, "shadow_accuracy": [s["accuracy"] for s in shadows],
                 "shadow_asr": [s["asr"] for s in backdoored],
                 "shadow_dir": str(folder),
             },
