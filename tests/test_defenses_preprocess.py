@@ -165,6 +165,21 @@ def test_autoencoder_defense_trains_once_and_reports(tiny_run, tmp_path):
     assert again.clean_accuracy == r.clean_accuracy and again.attack_success_rate == r.attack_success_rate
 
 
+
+def test_autoencoder_dir_shares_one_autoencoder_between_result_folders(tiny_run, tmp_path):
+    shared = tmp_path / "autoencoders"
+    a = run_defense("autoencoder", tiny_run, epochs=1, examples=0, test_subset=60, autoencoder_dir=str(shared),
+                    out_dir=tmp_path / "a", progress=False)
+    files = list(shared.glob("autoencoder-*.safetensors"))
+    assert len(files) == 1 and not (tmp_path / "a" / "autoencoder.safetensors").exists()
+    stamp = files[0].stat().st_mtime_ns
+    b = run_defense("autoencoder", tiny_run, epochs=1, examples=0, test_subset=60, autoencoder_dir=str(shared),
+                    out_dir=tmp_path / "b", progress=False)
+    assert files[0].stat().st_mtime_ns == stamp and b.clean_accuracy == a.clean_accuracy
+    run_defense("autoencoder", tiny_run, epochs=2, examples=0, test_subset=60, autoencoder_dir=str(shared),
+                out_dir=tmp_path / "c", progress=False)
+    assert len(list(shared.glob("autoencoder-*.safetensors"))) == 2  # other options: another autoencoder
+
 def test_bad_run_folders(tiny_run, tmp_path):
     with pytest.raises(RecordError, match="does not exist"):
         run_defense("jpeg", tmp_path / "missing", progress=False)

@@ -19,7 +19,9 @@ the clean accuracy and attack success rate of the defended pipeline next to the 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -235,13 +237,16 @@ class AutoencoderDefense(Mitigator):
 
     The defender trains :class:`veil.autoencoder.ConvAutoencoder` on the run's clean training set
     (the paper's defender has clean data); it is cached in ``autoencoder.safetensors`` beside the
-    result and reused when the same options and training images come again.
+    result, or with ``autoencoder_dir`` in that folder under a digest of its settings and training
+    images (the autoencoder never depends on the suspect model, so every run on the same data shares
+    it), and reused when the same options and training images come again.
 
     Options (``Config``):
         epochs: autoencoder training epochs (default 5, see :func:`veil.autoencoder.train_autoencoder`).
         batch_size, lr: Adam settings (default 32, 1e-3).
         seed: seed of initialisation and shuffling.
         examples: images shown in the example figure.
+        autoencoder_dir: where autoencoders are kept for every run (default: beside the result).
 
     Writes ``figures/autoencoder_examples.png`` and ``tables/autoencoder.json``.
     """
@@ -253,6 +258,7 @@ class AutoencoderDefense(Mitigator):
         lr: float = 1e-3
         seed: int = 0
         examples: int = 8
+        autoencoder_dir: str | None = None
 
         def __post_init__(self) -> None:
             if self.epochs < 1:
@@ -266,6 +272,19 @@ class AutoencoderDefense(Mitigator):
 
     config: Config
     WEIGHTS = "autoencoder.safetensors"
+    STORAGE_OPTIONS = ("autoencoder_dir",)
+
+    def weights_file(self, train: ImageDataset, out_dir: Path) -> Path:
+        """Where the autoencoder for ``train`` and these options is kept."""
+        from veil.autoencoder import dataset_fingerprint
+
+        cfg = self.config
+        if cfg.autoencoder_dir is None:
+            return out_dir / self.WEIGHTS
+        work = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+                "train": dataset_fingerprint(train), "size": len(train)}
+        digest = hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()[:20]
+        return Path(cfg.autoencoder_dir) / f"autoencoder-{digest}.safetensors"
 
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> MitigationResult:
         from veil.autoencoder import autoencode, cached_autoencoder, reconstruction_mse
@@ -274,7 +293,7 @@ class AutoencoderDefense(Mitigator):
         model = loaded.model
         dev = module_device(model)
         ae = cached_autoencoder(
-            out_dir / self.WEIGHTS, train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            self.weights_file(train, out_dir), train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
             device=dev, seed=cfg.seed, progress=self.progress,
         )
         poisoned_test = loaded.attack.poison_test(test)
