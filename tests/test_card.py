@@ -57,14 +57,21 @@ def test_card_runs_every_applicable_defense_on_both_runs_and_resumes(runs):
     # other options: that defense runs again
     changed = make_card(runs["badnets"], runs["none"], defenses=["strip"],
                         options={"strip": {**OPTIONS["strip"], "superimpose": 3}}, progress=False)
-    assert [r["defense"] for r in changed["rows"]] == ["strip"] and changed["rows"][0]["attack"]["reused"] is False
-    matrix = card_matrix([card, changed])
+    # the card keeps the defenses of the earlier call (same reference), strip replaced in its place
+    assert [r["defense"] for r in changed["rows"]] == list_defenses()
+    by = {r["defense"]: r for r in changed["rows"]}
+    assert by["strip"]["attack"]["reused"] is False and by["nad"] == {r["defense"]: r for r in again["rows"]}["nad"]
+    assert json.loads((out / "card.json").read_text())["rows"] == json.loads(json.dumps(changed["rows"]))
+    strip_only = {**changed, "rows": [by["strip"]]}
+    matrix = card_matrix([card, strip_only])
     # two attack rows, then the one clean reference's row (its false positives)
     assert matrix["columns"][:2] == ["attack (model)", "clean model's ASR"] and len(matrix["rows"]) == 3
+    assert matrix["rows"][0][0] == f"badnets (preact_resnet18) {runs['badnets'].parent.name}/{runs['badnets'].name}"
     assert matrix["rows"][0][matrix["columns"].index("patch_processing")] == "n/a"
-    assert matrix["rows"][1][matrix["columns"].index("nad")] == "not run"  # the second card ran strip only
+    assert matrix["rows"][1][matrix["columns"].index("nad")] == "not run"  # that card ran strip only
     ref_row = matrix["rows"][2]
-    assert ref_row[0].startswith("clean reference none") and ref_row[matrix["columns"].index("strip")].endswith(" s]")
+    assert ref_row[0] == f"clean reference (preact_resnet18) {runs['none'].parent.name}/{runs['none'].name}"
+    assert ref_row[matrix["columns"].index("strip")].endswith(" s]")
     # an option that only says where reusable work is kept does not make a result stale
     kept = make_card(runs["badnets"], runs["none"], defenses=["ftd"],
                      options={"ftd": {**OPTIONS["ftd"], "detector_dir": str(runs["badnets"].parent / "ftd_detectors")}},
@@ -121,3 +128,20 @@ def test_cli_card_writes_the_matrix_and_report_and_flags_no_augmentation(runs, t
     assert "one per run: 2 runs, 3 references" in capsys.readouterr().err
     assert main(["card", str(plain), "--reference", str(runs["none"]), "--opt", "superimpose=3"]) == 2
     assert "DEFENSE.NAME=VALUE" in capsys.readouterr().err
+
+
+def test_a_card_against_another_reference_replaces_the_earlier_one(tmp_path):
+    from veil.defenses.card import _with_earlier_rows
+    from veil.records import atomic_write_json
+
+    path = tmp_path / "card.json"
+    earlier = [{"defense": "nad", "kind": "mitigator", "attack": {"short": "a"}},
+               {"defense": "strip", "kind": "detector", "attack": {"short": "old"}}]
+    now = [{"defense": "strip", "kind": "detector", "attack": {"short": "new"}},
+           {"defense": "jpeg", "kind": "mitigator", "attack": {"short": "j"}}]
+    assert _with_earlier_rows(path, "ref", now) == now  # no earlier card
+    atomic_write_json(path, {"reference": "ref", "rows": earlier})
+    assert _with_earlier_rows(path, "ref", now) == [earlier[0], now[0], now[1]]
+    assert _with_earlier_rows(path, "other", now) == now
+    path.write_text("{not json")
+    assert _with_earlier_rows(path, "ref", now) == now

@@ -14,8 +14,9 @@ victim.
 A defense result already in ``RUN/defenses/NAME/result.json`` with the same options is reused,
 so an interrupted card resumes where it stopped; ``rerun=True`` runs everything again. The card
 goes to ``RUN/card/card.json`` and ``RUN/card/card.md``, and its table to
-``RUN/card/tables/card.json`` (the HTML report shows it). :func:`card_matrix` lays several cards
-out as the attacks x defenses matrix.
+``RUN/card/tables/card.json`` (the HTML report shows it); a later card against the same reference
+adds its defenses to those already on the card. :func:`card_matrix` lays several cards out as the
+attacks x defenses matrix.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def make_card(
                          "reused": reused, **result_figures(result)}
             log.info("card: %s on the %s run: %s", name, side, row[side]["text"])
         rows.append(row)
+    rows = _with_earlier_rows(run_path / CARD_DIR / "card.json", str(ref_path), rows)
     card = {
         "run": str(run_path), "reference": str(ref_path), "attack": attacked.config.attack,
         "dataset": attacked.config.dataset, "model": attacked.config.model, "notes": notes,
@@ -192,6 +194,29 @@ def make_card(
     atomic_write_json(out / "tables" / "card.json", card_table(card))
     atomic_write_bytes(out / "card.md", card_markdown(card).encode("utf-8"))
     return card
+
+
+def _with_earlier_rows(path: Path, reference: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This call's rows with those of the run's earlier card (``path``) for the defenses this call did
+    not run, when that card has the same reference: a card made in several calls (a defense added
+    later) keeps every defense. A card against another reference is replaced whole."""
+    from veil.records import read_json
+
+    try:
+        earlier = read_json(path) if path.exists() else None
+    except Exception:  # noqa: BLE001 - an unreadable old card is replaced, never fatal
+        log.warning("card: %s cannot be read; writing a new card", path)
+        earlier = None
+    if not isinstance(earlier, dict) or str(earlier.get("reference")) != reference:
+        return rows
+    new = {r["defense"]: r for r in rows}
+    merged = [new.pop(r["defense"], r) for r in earlier.get("rows", []) if isinstance(r, dict) and "defense" in r]
+    return merged + [r for r in rows if r["defense"] in new]
+
+
+def _label(path: str | Path) -> str:
+    """A run's folder as a row label: its last two path parts (``adaptive/reference``)."""
+    return "/".join(Path(path).parts[-2:])
 
 
 def result_figures(result: MitigationResult | DetectionResult) -> dict[str, Any]:
@@ -267,14 +292,15 @@ def card_matrix(cards: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 out.append(f"{r[side]['short']} [{_f(r[side]['seconds'], 0)} s]")
         return out
 
-    rows = [[f"{c['attack']} ({c['model']})", f"{_f(100 * c['natural_asr'], 1)} %", *cells(c, "attack")] for c in cards]
+    rows = [[f"{c['attack']} ({c['model']}) {_label(c['run'])}", f"{_f(100 * c['natural_asr'], 1)} %",
+             *cells(c, "attack")] for c in cards]
     references: dict[str, list[dict[str, Any]]] = {}
     for c in cards:
         references.setdefault(str(c["reference"]), []).append(c)
     for ref, group in references.items():
         # each card of this reference holds the defenses it ran on it; merge them
         merged = {"rows": [r for r in (next((x for g in group for x in g["rows"] if x["defense"] == n), None) for n in names) if r]}
-        rows.append([f"clean reference {Path(ref).name} ({group[0]['model']})", "-", *cells(merged, "clean")])
+        rows.append([f"clean reference ({group[0]['model']}) {_label(ref)}", "-", *cells(merged, "clean")])
     return {"title": "stealth cards: attacks x defenses (figure on the attack run [time])",
             "columns": ["attack (model)", "clean model's ASR", *names], "rows": rows,
             "note": "the last rows are the clean references: a detector's verdict there is a false positive, a "
