@@ -68,6 +68,8 @@ def test_card_runs_every_applicable_defense_on_both_runs_and_resumes(runs):
     assert matrix["columns"][:2] == ["attack (model)", "clean model's ASR"] and len(matrix["rows"]) == 3
     assert matrix["rows"][0][0] == f"badnets (preact_resnet18) {runs['badnets'].parent.name}/{runs['badnets'].name}"
     assert matrix["rows"][0][matrix["columns"].index("patch_processing")] == "n/a"
+    assert matrix["rows"][0][matrix["columns"].index("neural_cleanse")].split(" [")[0].endswith(
+        f"score {rows['neural_cleanse']['attack']['score']:.2f}")  # a model-level detector: its score
     assert matrix["rows"][1][matrix["columns"].index("nad")] == "not run"  # that card ran strip only
     ref_row = matrix["rows"][2]
     assert ref_row[0] == f"clean reference (preact_resnet18) {runs['none'].parent.name}/{runs['none'].name}"
@@ -109,6 +111,8 @@ def test_cli_card_writes_the_matrix_and_report_and_flags_no_augmentation(runs, t
     assert printed.count("# stealth card") == 2 and "matrix ->" in printed
     card = json.loads((plain / "card" / "card.json").read_text())
     assert card["notes"] == [NO_AUGMENT_NOTE]
+    # the defenses named, then the one that cannot apply to a CNN: n/a in the matrix, not "not run"
+    assert [r["defense"] for r in card["rows"]] == ["strip", "jpeg", "patch_processing"] and "skipped" in card["rows"][2]
     matrix = (out / "card_matrix.md").read_text()
     assert matrix.count("\n| badnets") == 2 and "strip" in matrix and "jpeg" in matrix
     html = (out / "card.html").read_text()

@@ -73,11 +73,15 @@ def cell_text(result: MitigationResult | DetectionResult) -> str:
 
 def cell_short(result: MitigationResult | DetectionResult) -> str:
     """A matrix cell: a mitigator's ASR and clean accuracy after it; a detector's verdict and its
-    first figure."""
+    first figure: the score of a model-level detector (Neural Cleanse's anomaly index, MNTD's
+    meta-classifier output; it has no input-level rates), else TPR or AUROC on the inputs."""
     if isinstance(result, MitigationResult):
         return f"ASR {_f(result.attack_success_rate)} / CDA {_f(result.clean_accuracy)}"
     m = result.metrics
-    first = next((f"{k.upper()} {_f(m[k])}" for k in ("tpr", "auroc", "accuracy") if k in m), None)
+    if result.score is not None and not {"tpr", "frr"} & set(m):
+        first: str | None = f"score {_f(result.score)}"
+    else:
+        first = next((f"{k.upper()} {_f(m[k])}" for k in ("tpr", "auroc", "accuracy") if k in m), None)
     return ("detected" if result.detected else "not detected") + (f", {first}" if first else "")
 
 
@@ -183,6 +187,9 @@ def make_card(
                          "reused": reused, **result_figures(result)}
             log.info("card: %s on the %s run: %s", name, side, row[side]["text"])
         rows.append(row)
+    # a defense that cannot apply to the model is on the card as such even when not named
+    rows += [{"defense": n, "kind": DEFENSES.get(n).kind, "skipped": reason} for n in list_defenses()
+             if n not in names and (reason := DEFENSES.get(n).not_applicable(attacked.model))]
     rows = _with_earlier_rows(run_path / CARD_DIR / "card.json", str(ref_path), rows)
     card = {
         "run": str(run_path), "reference": str(ref_path), "attack": attacked.config.attack,
