@@ -398,7 +398,7 @@ def test_the_card_in_a_sweep(tmp_path, one_thread):
     assert result.ok, result.summary()
     bad = tmp_path / "out" / "attack=badnets"
     made = json.loads((bad / "card" / "card.json").read_text())
-    assert [r["defense"] for r in made["rows"]] == ["strip"] and made["reference"] == str(reference)
+    assert [r["defense"] for r in made["rows"]] == ["strip", "patch_processing"] and "skipped" in made["rows"][1] and made["reference"] == str(reference)
     assert not (tmp_path / "out" / "attack=none" / "card").exists()
     assert (reference / "defenses" / "strip" / "result.json").is_file()  # the clean half of the card
     cells = dict(zip(result.table["columns"], result.table["rows"][1]))
