@@ -138,14 +138,14 @@ def test_a_card_against_another_reference_replaces_the_earlier_one(tmp_path):
     from veil.defenses.card import _with_earlier_rows
     from veil.records import atomic_write_json
 
-    path = tmp_path / "card.json"
+    path = tmp_path / "card" / "card.json"
     earlier = [{"defense": "nad", "kind": "mitigator", "attack": {"short": "a"}},
                {"defense": "strip", "kind": "detector", "attack": {"short": "old"}}]
     now = [{"defense": "strip", "kind": "detector", "attack": {"short": "new"}},
            {"defense": "jpeg", "kind": "mitigator", "attack": {"short": "j"}}]
-    assert _with_earlier_rows(path, "ref", now) == now  # no earlier card
-    atomic_write_json(path, {"reference": "ref", "rows": earlier})
-    assert _with_earlier_rows(path, "ref", now) == [earlier[0], now[0], now[1]]
-    assert _with_earlier_rows(path, "other", now) == now
+    assert _with_earlier_rows(tmp_path, "ref", now) == now  # no earlier card
+    atomic_write_json(path, {"reference": "ref", "attack": "badnets", "model": "preact_resnet18", "rows": earlier})
+    assert _with_earlier_rows(tmp_path, "ref", now) == [earlier[0], now[0], now[1]]
+    assert _with_earlier_rows(tmp_path, "other", now) == now
     path.write_text("{not json")
-    assert _with_earlier_rows(path, "ref", now) == now
+    assert _with_earlier_rows(tmp_path, "ref", now) == now

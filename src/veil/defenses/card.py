@@ -41,7 +41,7 @@ from veil.defenses.base import (
     run_defense,
     transformed_accuracy,
 )
-from veil.errors import ConfigError
+from veil.errors import ConfigError, RecordError
 from veil.records import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,10 @@ def make_card(
     names = list(defenses) if defenses else list_defenses()
     for name in names:
         DEFENSES.get(name)  # ConfigError naming the known ones
-        reason = DEFENSES.get(name).not_applicable(attacked.model)
-        if defenses and reason:
-            raise ConfigError(f"defense {name!r} cannot run on {attacked.config.model}: {reason}")
+    inapplicable = {n: reason for n in list_defenses() if (reason := DEFENSES.get(n).not_applicable(attacked.model))}
+    for name in names:
+        if defenses and name in inapplicable:
+            raise ConfigError(f"defense {name!r} cannot run on {attacked.config.model}: {inapplicable[name]}")
     kw = {"device": device, "data_root": data_root, "test_subset": test_subset, "progress": progress}
 
     _, test = attacked.data(data_root=data_root)
@@ -174,10 +175,9 @@ def make_card(
     rows: list[dict[str, Any]] = []
     for name in names:
         cls = DEFENSES.get(name)
-        reason = cls.not_applicable(attacked.model)
         row: dict[str, Any] = {"defense": name, "kind": cls.kind}
-        if reason:
-            row["skipped"] = reason
+        if name in inapplicable:
+            row["skipped"] = inapplicable[name]
             rows.append(row)
             continue
         opts = options.get(name, {})
@@ -188,9 +188,9 @@ def make_card(
             log.info("card: %s on the %s run: %s", name, side, row[side]["text"])
         rows.append(row)
     # a defense that cannot apply to the model is on the card as such even when not named
-    rows += [{"defense": n, "kind": DEFENSES.get(n).kind, "skipped": reason} for n in list_defenses()
-             if n not in names and (reason := DEFENSES.get(n).not_applicable(attacked.model))]
-    rows = _with_earlier_rows(run_path / CARD_DIR / "card.json", str(ref_path), rows)
+    rows += [{"defense": n, "kind": DEFENSES.get(n).kind, "skipped": reason} for n, reason in inapplicable.items()
+             if n not in names]
+    rows = _with_earlier_rows(run_path, str(ref_path), rows)
     card = {
         "run": str(run_path), "reference": str(ref_path), "attack": attacked.config.attack,
         "dataset": attacked.config.dataset, "model": attacked.config.model, "notes": notes,
@@ -203,18 +203,18 @@ def make_card(
     return card
 
 
-def _with_earlier_rows(path: Path, reference: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This call's rows with those of the run's earlier card (``path``) for the defenses this call did
+def _with_earlier_rows(run_dir: Path, reference: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This call's rows with those of the run's earlier card (:func:`load_card`) for the defenses this call did
     not run, when that card has the same reference: a card made in several calls (a defense added
     later) keeps every defense. A card against another reference is replaced whole."""
-    from veil.records import read_json
-
+    if not (run_dir / CARD_DIR / "card.json").exists():
+        return rows
     try:
-        earlier = read_json(path) if path.exists() else None
-    except Exception:  # noqa: BLE001 - an unreadable old card is replaced, never fatal
-        log.warning("card: %s cannot be read; writing a new card", path)
-        earlier = None
-    if not isinstance(earlier, dict) or str(earlier.get("reference")) != reference:
+        earlier = load_card(run_dir)
+    except (ConfigError, RecordError) as exc:  # an unreadable old card is replaced, never fatal
+        log.warning("card: %s; writing a new card", exc)
+        return rows
+    if str(earlier["reference"]) != reference:
         return rows
     new = {r["defense"]: r for r in rows}
     merged = [new.pop(r["defense"], r) for r in earlier.get("rows", []) if isinstance(r, dict) and "defense" in r]
