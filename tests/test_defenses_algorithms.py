@@ -25,7 +25,7 @@ from veil.defenses.fine_pruning import (
     pruning_curve,
     pruning_order,
 )
-from veil.defenses.gradcam import februus_threshold, grad_cam, inpaint, mask_attention
+from veil.defenses.gradcam import default_layer, februus_threshold, grad_cam, inpaint, mask_attention, trigger_heat
 from veil.defenses.neural_cleanse import anomaly_index, reverse_engineer_triggers
 from veil.defenses.spectral_signatures import spectral_flags, spectral_scores
 from veil.defenses.strip import strip_entropy
@@ -287,11 +287,28 @@ def test_grad_cam_attends_to_the_patch(planted):
     assert bool((logits.argmax(1) == TARGET).float().mean() > 0.9)
     inside = patch_mask()[0].bool()
     assert float(cam[:, inside].mean()) > 2 * float(cam[:, ~inside].mean())
+    on, off = trigger_heat(cam, inside.expand_as(cam))
+    assert on == pytest.approx(float(cam[:, inside].mean())) and on > 2 * off
+    assert math.isnan(trigger_heat(cam, torch.zeros_like(cam, dtype=torch.bool))[0])
     masked, region = mask_attention(planted.triggered[:40], cam, 0.6, torch.full((3,), 0.5))
     assert masked.shape == (40, 3, SIZE, SIZE) and region.dtype == torch.bool
     assert bool((masked[region[:, None].expand_as(masked)] == 0.5).all())
     with pytest.raises(ConfigError, match="no layer"):
         grad_cam(planted.model, planted.triggered[:2], "nope")
+
+
+def test_grad_cam_explains_the_deepest_map_with_more_than_one_cell():
+    """VGG at 32 pixels pools its last stage to 1 x 1 (a constant heatmap): the default moves to its
+    last convolution (2 x 2, the map Februus's release explains); ResNets keep layer4 (4 x 4)."""
+    from veil.models import create_model
+
+    vgg = create_model("vgg16", 10, 32, width=4, seed=0)
+    assert default_layer(vgg) == "stage5" and default_layer(vgg, (3, 64, 64)) == "stage5"
+    assert default_layer(vgg, (3, 32, 32)) == vgg.last_conv == "stage5.2.conv"
+    cam, _ = grad_cam(vgg, torch.rand(2, 3, 32, 32), "stage5")
+    assert float(cam.abs().max()) == 0.0  # one cell: nothing to localise
+    resnet = create_model("preact_resnet18", 10, 32, width=4, seed=0)
+    assert default_layer(resnet, (3, 32, 32)) == "layer4"
 
 
 def test_inpainting_restores_only_the_region_from_its_surroundings():

@@ -130,6 +130,7 @@ def test_results_carry_the_numbers_each_paper_reports(runs):
     assert gc.extra["layer"] == "layer4" and (math.isnan(rate) or 0 <= rate <= 1)
     assert gc.extra["restore"] == "inpaint" and set(gc.extra["variants"]) == {"inpaint", "mean"}
     assert gc.clean_accuracy == gc.extra["variants"]["inpaint"]["clean_accuracy"]
+    assert 0 <= gc.extra["trigger_heat"] <= 1 and 0 <= gc.extra["other_heat"] <= 1
     assert gc.extra["threshold"] == 0.8  # the official Februus release's GTSRB value, the default on GTSRB
     for name in ("spectral_signatures", "activation_clustering"):
         r = load_result(bad / "defenses" / name / "result.json")

@@ -64,15 +64,37 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def default_layer(model: nn.Module) -> str:
-    """The deepest of ``model.feature_layers()`` (e.g. ``"layer4"``), else ``model.last_conv``."""
+def default_layer(model: nn.Module, image_shape: tuple[int, ...] | None = None) -> str:
+    """The deepest of ``model.feature_layers()`` (e.g. ``"layer4"``), else ``model.last_conv``.
+
+    With ``image_shape`` ``(C, H, W)``, a deepest feature layer whose map has a single cell (VGG at
+    32 pixels: five poolings leave 1 x 1, and a one-cell heatmap is constant) gives way to the
+    model's last convolution, whose map is the last with a spatial extent (Grad-CAM's and Februus's
+    "last convolutional layer"). Decided from shapes alone, never from the inputs under test.
+    """
     layers = model.feature_layers() if hasattr(model, "feature_layers") else []  # type: ignore[operator]
-    if layers:
-        return str(layers[-1])
     last = getattr(model, "last_conv", None)
+    if layers:
+        deepest = str(layers[-1])
+        if image_shape is not None and last and _map_cells(model, deepest, image_shape) == 1:
+            return str(last)
+        return deepest
     if not last:
         raise ConfigError(f"model {type(model).__name__} names no feature layer; pass layer=")
     return str(last)
+
+
+def _map_cells(model: nn.Module, layer: str, image_shape: tuple[int, ...]) -> int:
+    """Spatial cells ``h * w`` of ``layer``'s output for one input of ``image_shape``."""
+    module = dict(model.named_modules())[layer]
+    shapes: list[tuple[int, ...]] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=module_device(model)))
+    finally:
+        handle.remove()
+    return shapes[0][-1] * shapes[0][-2] if shapes and len(shapes[0]) == 4 else 0
 
 
 def grad_cam(model: nn.Module, x: Tensor, layer: str, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -177,6 +199,15 @@ def inpaint(images: Tensor, region: Tensor) -> Tensor:
     return torch.where(region[:, None], to_float(out), original)
 
 
+def trigger_heat(heatmaps: Tensor, footprint: Tensor) -> tuple[float, float]:
+    """Whether the heatmaps localise a trigger, at no threshold: the mean heatmap ``(N, H, W)`` on
+    the trigger's pixels ``footprint`` ``(N, H, W)`` bool and on the other pixels (nan where there
+    are none). A heatmap that finds the trigger is clearly higher on it than elsewhere."""
+    inside, outside = heatmaps[footprint], heatmaps[~footprint]
+    return (float(inside.mean()) if inside.numel() else float("nan"),
+            float(outside.mean()) if outside.numel() else float("nan"))
+
+
 def mask_attention(images: Tensor, heatmaps: Tensor, threshold: float, fill: Tensor) -> tuple[Tensor, Tensor]:
     """Februus's removal step: replace the pixels whose heatmap is ``>= threshold`` by ``fill``.
 
@@ -201,7 +232,8 @@ class GradCam(Mitigator):
 
     Options (``Config``):
         layer: the explained layer (default: the deepest of the model's feature layers, e.g.
-            ``"layer4"``; ``"last_conv"`` or any module path with a 4-D output).
+            ``"layer4"``, or the last convolution where that layer's map is 1 x 1, as VGG's
+            ``stage5`` at 32 pixels; ``"last_conv"`` or any module path with a 4-D output).
         threshold: heatmap level (in ``[0, 1]`` after per-image scaling) of the removed region
             (default: the official Februus release's value for the dataset, ``MASK_COND`` 0.8 on
             GTSRB and 0.7 elsewhere, its CIFAR-10 value).
@@ -228,7 +260,9 @@ class GradCam(Mitigator):
     same without it (``original_*``), and ``extra``: ``removal_rate`` (share of triggered inputs
     sent to the target before removal that are not after it: the Februus check),
     ``removed_fraction`` (mean share of pixels removed), ``trigger_coverage`` (mean share of the
-    pixels the trigger changed that fall in the removed region), ``variants`` (the same figures for
+    pixels the trigger changed that fall in the removed region), ``trigger_heat`` and
+    ``other_heat`` (the triggered inputs' mean heatmap on the trigger's pixels and elsewhere: whether
+    the layer localises the trigger at all, at any threshold), ``variants`` (the same figures for
     each restoration), ``layer`` and sizes.
     """
 
@@ -266,7 +300,7 @@ class GradCam(Mitigator):
     def run(self, loaded: LoadedRun, train: ImageDataset, test: ImageDataset, out_dir: Path) -> MitigationResult:
         cfg = self.config
         model = loaded.model
-        layer = default_layer(model) if cfg.layer is None else (
+        layer = default_layer(model, tuple(test.images.shape[1:])) if cfg.layer is None else (
             str(getattr(model, "last_conv", "")) if cfg.layer == "last_conv" else cfg.layer)
         clean, evaluation = defender_data(train, test, cfg.clean_images, cfg.clean_source, cfg.seed, self.name)
         fill = to_float(clean.images).mean((0, 2, 3))
@@ -318,6 +352,7 @@ class GradCam(Mitigator):
         has = size > 0
         coverage = float((covered[has] / size[has]).mean()) if bool(has.any()) else float("nan")
         removed_fraction = float(region_bad.float().mean()) if len(poisoned) else float("nan")
+        heat_on, heat_off = trigger_heat(cam_bad, footprint)
         for name, v in variants.items():
             log.info("grad-cam (%s, %s): removal rate %.4f; ASR %.4f -> %.4f, clean accuracy %.4f -> %.4f",
                      layer, name, v["removal_rate"], orig_asr, v["attack_success_rate"], orig_cda, v["clean_accuracy"])
@@ -328,7 +363,7 @@ class GradCam(Mitigator):
             explainer, explainer_layer = model, layer
             if cfg.reference:
                 explainer = reference_model(loaded, cfg.reference)
-                explainer_layer = layer if cfg.layer is not None else default_layer(explainer)
+                explainer_layer = layer if cfg.layer is not None else default_layer(explainer, tuple(test.images.shape[1:]))
             ex = torch.linspace(0, len(poisoned) - 1, k).round().long().unique()  # spread over the labels
             cam_src, pred_src = batched_grad_cam(explainer, source.images[ex], explainer_layer)
             atomic_write_bytes(
@@ -349,7 +384,8 @@ class GradCam(Mitigator):
                     for name, v in variants.items()
                 ],
                 "note": f"removed region: heatmap >= {threshold:g}; {len(clean_eval)} clean and {len(poisoned)} "
-                        f"triggered test inputs; mean colour of {len(clean)} clean images; the result is {cfg.restore}'s",
+                        f"triggered test inputs; mean colour of {len(clean)} clean images; the result is {cfg.restore}'s; "
+                        f"mean heatmap on the trigger's pixels {heat_on:.3f}, elsewhere {heat_off:.3f}",
             },
         )
         return MitigationResult(
@@ -368,6 +404,8 @@ class GradCam(Mitigator):
                 "removal_rate": removal_rate,
                 "removed_fraction": removed_fraction,
                 "trigger_coverage": coverage,
+                "trigger_heat": heat_on,
+                "other_heat": heat_off,
                 "triggered_inputs": len(poisoned),
                 "triggered_hits": int(hit.sum()),
                 "clean_inputs": len(clean_eval),
