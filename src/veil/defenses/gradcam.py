@@ -85,16 +85,10 @@ def default_layer(model: nn.Module, image_shape: tuple[int, ...] | None = None) 
 
 
 def _map_cells(model: nn.Module, layer: str, image_shape: tuple[int, ...]) -> int:
-    """Spatial cells ``h * w`` of ``layer``'s output for one input of ``image_shape``."""
-    module = dict(model.named_modules())[layer]
-    shapes: list[tuple[int, ...]] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, *image_shape, device=module_device(model)))
-    finally:
-        handle.remove()
-    return shapes[0][-1] * shapes[0][-2] if shapes and len(shapes[0]) == 4 else 0
+    """Spatial cells ``h * w`` of ``layer``'s output for one input of ``image_shape`` (0 if not a map)."""
+    with eval_mode(model), torch.no_grad():
+        out = model.feature_map(torch.zeros(1, *image_shape, device=module_device(model)), layer)  # type: ignore[operator]
+    return int(out.shape[-1] * out.shape[-2]) if out.dim() == 4 else 0
 
 
 def grad_cam(model: nn.Module, x: Tensor, layer: str, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
