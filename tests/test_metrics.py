@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, uniform_filter
 
 from veil.errors import CheckpointError
 from veil.metrics import (
@@ -29,6 +29,7 @@ from veil.metrics import (
     per_label_success_rate,
     psnr,
     ssim,
+    ssim_3x3,
     stealth_metrics,
 )
 from veil.metrics.lpips import BACKBONE_FILE, TORCHVISION_FILE, WEIGHTS_ENV
@@ -174,16 +175,23 @@ def test_sub_level_changes_round_to_zero() -> None:
     assert modification_histogram(x, y)["0"] == 50.0
 
 
-def _ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
-    """skimage's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    data_range=255, channel_axis=0) re-implemented with scipy.ndimage: (C, H, W) float64 in [0, 255]."""
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    pad = 5  # int(3.5 * 1.5 + 0.5)
+def _ssim_reference(a: np.ndarray, b: np.ndarray, window: str = "gaussian") -> float:
+    """skimage's structural_similarity re-implemented with scipy.ndimage on (C, H, W) float64 in
+    [0, 255]: ``"gaussian"`` as (gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=255, channel_axis=0); ``"uniform3"`` as the ATTEQ release calls it (win_size=3,
+    data_range=a.max() - a.min(), channel_axis=0, otherwise the defaults: a uniform window and
+    sample covariances)."""
+    if window == "gaussian":
+        rng, pad, norm = 255.0, 5, 1.0  # pad: int(3.5 * 1.5 + 0.5)
+        f = lambda im: gaussian_filter(im, sigma=1.5, truncate=3.5, mode="reflect")  # noqa: E731
+    else:
+        rng, pad, norm = float(a.max() - a.min()), 1, 9 / 8
+        f = lambda im: uniform_filter(im, size=3, mode="reflect")  # noqa: E731
+    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
     values = []
     for x, y in zip(a, b):
-        f = lambda im: gaussian_filter(im, sigma=1.5, truncate=3.5, mode="reflect")  # noqa: E731
         ux, uy = f(x), f(y)
-        vx, vy, vxy = f(x * x) - ux * ux, f(y * y) - uy * uy, f(x * y) - ux * uy
+        vx, vy, vxy = (f(x * x) - ux * ux) * norm, (f(y * y) - uy * uy) * norm, (f(x * y) - ux * uy) * norm
         s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
         values.append(s[pad:-pad, pad:-pad].mean())
     return float(np.mean(values))
@@ -224,6 +232,27 @@ def test_ssim_matches_independent_reference() -> None:
     assert ssim(small_x, small_y).item() == pytest.approx(ref, abs=1e-5)
 
 
+def test_ssim_3x3_matches_the_release_measurement() -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(3, 3, 20, 17, generator=g) * 0.6 + 0.2  # a range below 1: the data range is the image's
+    noise = torch.randn(3, 3, 20, 17, generator=g) * torch.tensor([0.01, 0.05, 0.3]).view(3, 1, 1, 1)
+    y = (x + noise).clamp(0, 1)
+    ours = ssim_3x3(x, y)
+    for i in range(3):
+        ref = _ssim_reference(x[i].double().numpy() * 255, y[i].double().numpy() * 255, "uniform3")
+        assert ours[i].item() == pytest.approx(ref, abs=1e-5)
+    assert ours[0] > ours[1] > ours[2]
+    # a 3x3 patch: the 3x3 window sees less of it than the 11x11 Gaussian does
+    patched = x.clone()
+    patched[:, :, 8:11, 8:11] = 1.0
+    assert bool((ssim_3x3(x, patched) > ssim(x, patched)).all())
+    torch.testing.assert_close(ssim_3x3(x, x), torch.ones(3))
+    flat = torch.full((1, 3, 5, 5), 0.5)
+    assert ssim_3x3(flat, flat).item() == pytest.approx(1.0)  # range 0: one grey level instead
+    with pytest.raises(ValueError, match="3x3"):
+        ssim_3x3(torch.rand(1, 3, 2, 8), torch.rand(1, 3, 2, 8))
+
+
 def test_ssim_too_small() -> None:
     ssim(torch.rand(1, 1, 11, 11), torch.rand(1, 1, 11, 11))  # exactly the window: fine
     with pytest.raises(ValueError, match="11x11"):
@@ -251,6 +280,8 @@ def test_stealth_metrics_without_lpips() -> None:
     assert out["identical_fraction"] == 0.25
     assert out["psnr"] == pytest.approx(float(psnr(clean[1:], poisoned[1:]).mean()), rel=1e-6)
     assert out["ssim"] == pytest.approx(float(ssim(clean, poisoned).mean()), rel=1e-6)
+    assert out["ssim_3x3"] == pytest.approx(float(ssim_3x3(clean, poisoned).mean()), rel=1e-6)
+    assert 0 < out["ssim_3x3"] < 1
     assert out["mse"] == pytest.approx(float(mse(clean, poisoned).mean()), rel=1e-6)
     assert out["linf"] == 2 and isinstance(out["linf"], int)
     # the multinomial paper's L1 is in grey levels: 4 of 256 pixels x 3 channels x 3 images changed,

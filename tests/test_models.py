@@ -19,6 +19,7 @@ EXPECTED = {
     "densenet121",
     "wrn34_10",
     "vit_small",
+    "vit_b16",
     "ran",
 }
 NUM_CLASSES = 5
@@ -185,6 +186,13 @@ def test_normalisation_and_config_roundtrip() -> None:
         assert gray.eval()(torch.rand(2, 1, 32, 32)).shape == (2, NUM_CLASSES)
 
 
+def _imagenet_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` normalised with ImageNet's statistics, as torchvision's models expect it."""
+    from veil.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
 def test_resnet18_imagenet_takes_torchvision_weights(tmp_path):
     """The ImageNet-stem ResNet-18 is torchvision's resnet18 layer for layer: its weights load (all
     but the classifier) and the penultimate features then agree on the same input."""
@@ -200,12 +208,50 @@ def test_resnet18_imagenet_takes_torchvision_weights(tmp_path):
     load_torchvision_resnet18(model, tmp_path / "resnet18.pth").eval()
     x = torch.rand(2, 3, 128, 128)
     tv.fc = torch.nn.Identity()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        assert torch.allclose(model.features(x), tv((x - mean) / std), atol=1e-4)
+        assert torch.allclose(model.features(x), tv(_imagenet_input(x)), atol=1e-4)
         assert model(x).shape == (2, 10)
     with pytest.raises(CheckpointError, match="no ImageNet weights"):
         load_torchvision_resnet18(model)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_torchvision_resnet18(create_model("resnet34", num_classes=10), tmp_path / "resnet18.pth")
+
+
+def test_vit_b16_takes_torchvision_and_timm_weights(tmp_path):
+    """vit_b16 is torchvision's VisionTransformer layer for layer (tested at a reduced depth and
+    width): its weights load (all but the classifier) and the class-token features then agree;
+    timm's layout (DeiT's {"model": ...} checkpoints) loads too; position embeddings are resized
+    to another image size."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from veil.errors import CheckpointError
+    from veil.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_vit_b16
+
+    full = model_class("vit_b16")
+    assert (full.default_width, full.default_patch_size, full.default_depth) == (768, 16, 12)
+    torch.manual_seed(0)
+    tv = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128).eval()
+    torch.save(tv.state_dict(), tmp_path / "vit.pth")
+    kw = dict(width=32, depth=2, num_heads=2, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    model = create_model("vit_b16", num_classes=10, image_size=32, seed=1, **kw)
+    load_vit_b16(model, tmp_path / "vit.pth").eval()
+    x = torch.rand(2, 3, 32, 32)
+    tv.heads = torch.nn.Identity()
+    with torch.no_grad():
+        assert torch.allclose(model.features(x), tv(_imagenet_input(x)), atol=1e-5)
+        reference = model.features(x)
+    # timm's names are veil's but for the patch embedding's "proj"
+    timm = {("patch_embed.proj." + k[len("patch_embed."):] if k.startswith("patch_embed.") else k): v
+            for k, v in model.state_dict().items() if k not in ("mean", "std")}
+    torch.save({"model": timm}, tmp_path / "deit.pth")
+    other = load_vit_b16(create_model("vit_b16", num_classes=10, image_size=32, seed=2, **kw), tmp_path / "deit.pth").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other.features(x), reference)
+    larger = load_vit_b16(create_model("vit_b16", num_classes=10, image_size=64, seed=3, **kw), tmp_path / "vit.pth").eval()
+    assert larger.pos_embed.shape == (1, 17, 32)
+    torch.testing.assert_close(larger.pos_embed[:, 0], tv.encoder.pos_embedding[:, 0])
+    assert larger(torch.rand(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(CheckpointError, match="no ImageNet weights"):
+        load_vit_b16(model)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_vit_b16(create_model("vit_b16", num_classes=10, image_size=32, width=64, depth=2), tmp_path / "vit.pth")

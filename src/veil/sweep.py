@@ -109,6 +109,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "stealth_samples": ("stealth samples", "int"),
     "stealth.psnr": ("PSNR", ".2f"),
     "stealth.ssim": ("SSIM", ".4f"),
+    "stealth.ssim_3x3": ("SSIM (3x3 window, ATTEQ's)", ".4f"),
     "stealth.mse": ("MSE", ".3f"),
     "stealth.lpips": ("LPIPS", ".4f"),
     "stealth.l1": ("L1 [0, 1]", ".5f"),

@@ -2,7 +2,8 @@
 
 - :mod:`veil.metrics.classification`: :func:`accuracy`, :func:`attack_success_rate`,
   :func:`per_label_success_rate`.
-- :mod:`veil.metrics.image`: MSE, PSNR and SSIM on the 0-255 scale, L1, L-infinity, the
+- :mod:`veil.metrics.image`: MSE, PSNR and SSIM on the 0-255 scale (and SSIM as the
+  ATTEQ release measures it), L1, L-infinity, the
   modification histogram of Zhong et al. (IJCAI 2022).
 - :mod:`veil.metrics.lpips`: LPIPS (alex, v0.1), loaded offline by :func:`load_lpips`.
 - :mod:`veil.metrics.stealth`: :func:`stealth_metrics`, which gathers them all into a
@@ -22,6 +23,7 @@ from veil.metrics.image import (
     mse,
     psnr,
     ssim,
+    ssim_3x3,
 )
 from veil.metrics.lpips import find_lpips_backbone, load_lpips, lpips_available, lpips_distance
 from veil.metrics.stealth import stealth_metrics
@@ -33,6 +35,7 @@ __all__ = [
     "mse",
     "psnr",
     "ssim",
+    "ssim_3x3",
     "l1",
     "linf",
     "modification_histogram",

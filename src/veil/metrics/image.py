@@ -23,6 +23,7 @@ __all__ = [
     "mse",
     "psnr",
     "ssim",
+    "ssim_3x3",
     "l1",
     "linf",
     "modification_histogram",
@@ -114,23 +115,32 @@ def _gaussian_window(dtype: torch.dtype, device: torch.device) -> Tensor:
     return g / g.sum()
 
 
-def _ssim_chunk(x: Tensor, y: Tensor) -> Tensor:
+def _ssim_chunk(x: Tensor, y: Tensor, window: Tensor, data_range: Tensor | None, cov_norm: float) -> Tensor:
+    """Mean SSIM per image of one chunk; ``window`` the separable 1-D weights, ``data_range`` per
+    image ``(B,)`` on the 0-255 scale (``None``: 255), ``cov_norm`` the covariance correction."""
     b, c, h, w = x.shape
     x = x.reshape(b * c, 1, h, w).double().mul(_MAX)
     y = y.reshape(b * c, 1, h, w).double().mul(_MAX)
     stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (BC, 5, H, W)
-    g = _gaussian_window(torch.float64, x.device)
+    g = window.to(torch.float64)
     # separable 'valid' filtering: rows then columns, one group per statistic
     stats = F.conv2d(stats, g.view(1, 1, -1, 1).expand(5, 1, -1, 1), groups=5)
     stats = F.conv2d(stats, g.view(1, 1, 1, -1).expand(5, 1, 1, -1), groups=5)
     ux, uy, uxx, uyy, uxy = stats.unbind(dim=1)
-    vx = uxx - ux * ux  # population covariances (use_sample_covariance=False)
-    vy = uyy - uy * uy
-    vxy = uxy - ux * uy
-    c1 = (_SSIM_K1 * _MAX) ** 2
-    c2 = (_SSIM_K2 * _MAX) ** 2
+    vx = (uxx - ux * ux) * cov_norm
+    vy = (uyy - uy * uy) * cov_norm
+    vxy = (uxy - ux * uy) * cov_norm
+    rng = torch.full((b * c, 1, 1), _MAX, dtype=torch.float64, device=x.device) if data_range is None \
+        else data_range.double().repeat_interleave(c).view(b * c, 1, 1)
+    c1 = (_SSIM_K1 * rng) ** 2
+    c2 = (_SSIM_K2 * rng) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.flatten(1).mean(dim=1).view(b, c).mean(dim=1)
+
+
+def _check_ssim_size(x: Tensor, win: int, what: str) -> None:
+    if x.shape[-1] < win or x.shape[-2] < win:
+        raise ValueError(f"SSIM needs images of at least {win}x{win} pixels ({what}), got {x.shape[-2]}x{x.shape[-1]}")
 
 
 def ssim(x: Tensor, y: Tensor) -> Tensor:
@@ -165,12 +175,46 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
         tensor([1., 1.])
     """
     x, y = _pair(x, y)
-    if x.shape[-1] < _SSIM_WIN or x.shape[-2] < _SSIM_WIN:
-        raise ValueError(
-            f"SSIM needs images of at least {_SSIM_WIN}x{_SSIM_WIN} pixels (its Gaussian window), "
-            f"got {x.shape[-2]}x{x.shape[-1]}"
-        )
-    out = [_ssim_chunk(xc, yc) for xc, yc in zip(x.split(_SSIM_CHUNK), y.split(_SSIM_CHUNK))]
+    _check_ssim_size(x, _SSIM_WIN, "its Gaussian window")
+    g = _gaussian_window(torch.float64, x.device)
+    out = [_ssim_chunk(xc, yc, g, None, 1.0) for xc, yc in zip(x.split(_SSIM_CHUNK), y.split(_SSIM_CHUNK))]
+    if not out:
+        return x.new_empty(0)
+    return torch.cat(out).to(x.dtype)
+
+
+def ssim_3x3(x: Tensor, y: Tensor) -> Tensor:
+    """Mean SSIM per image as the ATTEQ authors' release measures it (seed paper 003's Table 3).
+
+    Their ``QoE_metric.calculateSSIM`` calls ``skimage.metrics.structural_similarity(gt, predict,
+    multichannel=True, win_size=3, data_range=gt.max() - gt.min())``: a 3x3 uniform window,
+    sample covariances (the 9/8 correction), the clean image's value range (over all channels) as
+    the data range, positions one pixel from the border left out, the mean over channels. A 3x3
+    window sees far less of a small patch trigger's neighbourhood than :func:`ssim`'s 11x11
+    Gaussian, so this reads closer to 1 (a 3x3 patch at 32x32 touches 25 of 900 positions here
+    against 169 of 484 there). An image of one value has range 0; 1/255 is used instead.
+
+    Args:
+        x: clean images in ``[0, 1]``, ``(B, C, H, W)`` or ``(C, H, W)``, ``H, W >= 3``; the data
+            range is read from these.
+        y: triggered images of the same shape.
+
+    Returns:
+        ``(B,)`` tensor; 1 for identical images.
+
+    Example:
+        >>> img = torch.rand(2, 3, 8, 8)
+        >>> ssim_3x3(img, img)
+        tensor([1., 1.])
+    """
+    x, y = _pair(x, y)
+    _check_ssim_size(x, 3, "its 3x3 window")
+    w = torch.full((3,), 1.0 / 3.0, dtype=torch.float64, device=x.device)
+    out = []
+    for xc, yc in zip(x.split(_SSIM_CHUNK), y.split(_SSIM_CHUNK)):
+        flat = xc.double().flatten(1) * _MAX
+        rng = (flat.amax(1) - flat.amin(1)).clamp_min(1.0)
+        out.append(_ssim_chunk(xc, yc, w, rng, 9.0 / 8.0))
     if not out:
         return x.new_empty(0)
     return torch.cat(out).to(x.dtype)

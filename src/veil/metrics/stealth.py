@@ -21,6 +21,7 @@ from veil.metrics.image import (
     modified_fraction,
     psnr,
     ssim,
+    ssim_3x3,
 )
 from veil.metrics.lpips import lpips_distance
 
@@ -42,6 +43,8 @@ def stealth_metrics(clean: Tensor, poisoned: Tensor, lpips_model: torch.nn.Modul
       ``inf``) and counted in ``"identical_fraction"``. ``None`` when no image was modified.
     - ``"identical_fraction"``: share of images left bit-for-bit unchanged (PSNR ``inf``).
     - ``"ssim"``: mean SSIM (:func:`ssim`); ``None`` for images smaller than 11x11.
+    - ``"ssim_3x3"``: mean SSIM as the ATTEQ release measures it (:func:`ssim_3x3`: 3x3 uniform
+      window, the clean image's range); ``None`` for images smaller than 3x3.
     - ``"mse"``: mean MSE on the 0-255 scale; ``"l1"``: mean L1 on ``[0, 1]``;
       ``"l1_grey_levels"``: the same in grey levels, the L1 of Zhong et al. (IJCAI 2022, Table 2).
     - ``"linf"``: largest modification over the whole batch, in grey levels (``int``).
@@ -72,6 +75,7 @@ def stealth_metrics(clean: Tensor, poisoned: Tensor, lpips_model: torch.nn.Modul
         "psnr": _finite_mean(p),
         "identical_fraction": float(torch.isinf(p).double().mean().item()),
         "ssim": None if small else float(ssim(clean, poisoned).double().mean().item()),
+        "ssim_3x3": None if min(clean.shape[-2:]) < 3 else float(ssim_3x3(clean, poisoned).double().mean().item()),
         "mse": float(mse(clean, poisoned).double().mean().item()),
         "l1": float(l1(clean, poisoned).double().mean().item()),
         "l1_grey_levels": float(l1(clean, poisoned).double().mean().item()) * 255.0,

@@ -23,6 +23,7 @@ vgg16, vgg19        Simonyan & Zisserman, ICLR 2015 (+BatchNorm)   first stage (
 densenet121         Huang et al., CVPR 2017 (DenseNet-BC)          growth rate k (32)
 wrn34_10            Zagoruyko & Komodakis, BMVC 2016               stem; stages 16k.. (16)
 vit_small           Dosovitskiy et al., ICLR 2021 (patch 4)        embedding dim (192)
+vit_b16             Dosovitskiy et al., ICLR 2021 (ViT-B/16, 224)  embedding dim (768)
 ran                 Wang et al., CVPR 2017 (Residual Attention)    first stage (16)
 ==================  =============================================  ======================
 """

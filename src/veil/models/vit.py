@@ -9,7 +9,10 @@ LayerNorm of the class token is the feature the linear head reads (Eq. 4).
 
 ``vit_small`` is sized for CIFAR/GTSRB, not the paper's ViT-S: patch 4 (64 tokens at 32x32),
 embedding dimension 192 with 3 heads of 64 (as DeiT-Ti, Touvron et al., ICML 2021), 6 blocks,
-MLP ratio 4. Image sides must be multiples of the patch size; at a size other than the one it was
+MLP ratio 4. ``vit_b16`` is the paper's ViT-B/16 (patch 16, width 768, 12 heads, 12 blocks, 196
+tokens at 224x224, LayerNorm epsilon 1e-6 as torchvision's and timm's), the network of ATTEQ's ViT
+experiments; :func:`veil.models.pretrained.load_vit_b16` loads torchvision's or timm's (DeiT-B)
+ImageNet weights into it. Image sides must be multiples of the patch size; at a size other than the one it was
 built for, the position embeddings are resized bicubically (as when fine-tuning at another
 resolution, Dosovitskiy et al., Sec. 3.2).
 """
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from veil.errors import ConfigError
 from veil.models.base import Classifier, register_model, scaled_width
 
-__all__ = ["Attention", "Mlp", "Block", "VisionTransformer", "ViTSmall", "default_heads"]
+__all__ = ["Attention", "Mlp", "Block", "VisionTransformer", "ViTB16", "ViTSmall", "default_heads"]
 
 
 def default_heads(dim: int, head_dim: int = 64) -> int:
@@ -68,11 +71,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (Dosovitskiy et al., Eqs. 2-3)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, max(1, int(dim * mlp_ratio)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,6 +109,8 @@ class VisionTransformer(Classifier):
     default_width = 192
     default_patch_size: ClassVar[int] = 4
     default_depth: ClassVar[int] = 6
+    #: LayerNorm epsilon (PyTorch's default; ViT-B/16 uses the reference implementations' 1e-6)
+    norm_eps: ClassVar[float] = 1e-5
     min_size = 4
     size_multiple = 4
     min_size_reason = "an image must hold at least one patch"
@@ -145,8 +150,8 @@ class VisionTransformer(Classifier):
         self.patch_embed = nn.Conv2d(in_channels, dim, p, p)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], dim))
-        self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio) for _ in range(depth)))
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio, self.norm_eps) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim, eps=self.norm_eps)
         self.feature_dim = dim
         self.head = nn.Linear(dim, num_classes)
         self._feature_layers = [f"blocks.{i}" for i in range(depth)]
@@ -240,3 +245,16 @@ class ViTSmall(VisionTransformer):
     default_width = 192
     default_patch_size = 4
     default_depth = 6
+
+
+@register_model("vit_b16")
+class ViTB16(VisionTransformer):
+    """ViT-B/16 (Dosovitskiy et al., Table 1): patch 16, width 768, 12 heads, 12 blocks, MLP ratio
+    4, for 224x224 images (``image_size=224``); sides must be multiples of 16."""
+
+    default_width = 768
+    default_patch_size = 16
+    default_depth = 12
+    norm_eps = 1e-6
+    min_size = 16
+    size_multiple = 16
