@@ -420,3 +420,26 @@ def test_lpips_vgg_loads_a_users_vgg16_backbone_and_reads_it_in_the_right_slices
         load_lpips(tmp_path / "wrong.pth", net="vgg")
     with pytest.raises(ValueError, match="unknown LPIPS network 'squeeze'"):
         load_lpips(tmp_path, net="squeeze")
+
+
+def test_measure_stealth_script_reproduces_a_runs_record(tmp_path, weights_dir, capsys) -> None:
+    """scripts/measure_stealth.py re-measures a finished run on the run's own test images: the
+    figures it gives are the record's; a folder without a run exits 2 and names it."""
+    from conftest import load_script
+
+    from veil.experiment import run_experiment
+    from veil.runs import RunConfig
+
+    run = tmp_path / "badnets"
+    metrics = run_experiment(RunConfig(attack="badnets", dataset="gtsrb_sample", model="preact_resnet18", width=4,
+                                       epochs=1, train_subset=215, test_subset=215, out=str(run), device="cpu",
+                                       progress=False, stealth_samples=32, lpips_weights=str(weights_dir)))
+    script = load_script("scripts/measure_stealth.py")
+    assert script.main([str(run), "--out", str(tmp_path / "stealth.json")]) == 0
+    again = json.loads((tmp_path / "stealth.json").read_text())[str(run)]
+    assert json.loads(capsys.readouterr().out)[str(run)] == again
+    assert again["stealth_samples"] == 32
+    for key in ("ssim", "ssim_3x3", "psnr", "lpips", "linf", "modified_fraction"):
+        assert again[key] == pytest.approx(metrics["stealth"][key], rel=1e-6), key
+    assert script.main([str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err

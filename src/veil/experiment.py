@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import veil
 from veil import records as rec
@@ -241,6 +242,28 @@ def _lpips_model(config: RunConfig, device: torch.device) -> tuple[torch.nn.Modu
         return None, str(exc)
 
 
+def measure_stealth(config: RunConfig, attack: Attack, test: ImageDataset) -> tuple[dict[str, Any], str | None, Tensor, Tensor, Tensor]:
+    """The stealth metrics a run records: over a seeded random sample of ``config.stealth_samples``
+    test images whose label differs from the target (as the attack would be used; the test set is
+    sorted by class), clean against triggered (quantised to 8 bits). Also what re-measures a
+    finished run with today's metrics (``scripts/measure_stealth.py``).
+
+    Returns:
+        ``(stealth, lpips_note, rows, clean_x, poison_x)``: the metrics (with ``lpips_net``), why
+        LPIPS is missing (or ``None``), the test rows and the two image batches.
+    """
+    targets = attack.target_labels(test.labels)
+    eligible = torch.nonzero(test.labels != targets).flatten()
+    pick = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(config.seed))
+    rows = eligible[pick[: config.stealth_samples]]
+    clean_x = to_float(test.images[rows])
+    poison_x = attack.apply_quantized(clean_x, test.labels[rows]).cpu()
+    lpips_model, lpips_note = _lpips_model(config, torch.device("cpu"))
+    stealth = stealth_metrics(clean_x, poison_x, lpips_model=lpips_model)
+    stealth["lpips_net"] = config.lpips_net if lpips_model is not None else None
+    return stealth, lpips_note, rows, clean_x, poison_x
+
+
 def run_experiment(config: RunConfig) -> dict[str, Any]:
     """Train and evaluate one run, writing its record into ``config.out``; returns the metrics.
 
@@ -359,17 +382,7 @@ def _run(config: RunConfig, record: rec.RunRecord, device: torch.device, init: A
 
     t0 = time.perf_counter()
 
-    # stealth on test images whose label differs from the target (as the attack would be used)
-    targets = attack.target_labels(test.labels)
-    eligible = torch.nonzero(test.labels != targets).flatten()
-    # a seeded random sample of the eligible test images (the test set is sorted by class)
-    pick = torch.randperm(eligible.numel(), generator=torch.Generator().manual_seed(config.seed))
-    rows = eligible[pick[: config.stealth_samples]]
-    clean_x = to_float(test.images[rows])
-    poison_x = attack.apply_quantized(clean_x, test.labels[rows]).cpu()
-    lpips_model, lpips_note = _lpips_model(config, torch.device("cpu"))
-    stealth = stealth_metrics(clean_x, poison_x, lpips_model=lpips_model)
-    stealth["lpips_net"] = config.lpips_net if lpips_model is not None else None
+    stealth, lpips_note, rows, clean_x, poison_x = measure_stealth(config, attack, test)
     attack_metrics = attack.evaluate(model, test)
     _write_attack_outputs(record, attack)
     eval_seconds = time.perf_counter() - t0
