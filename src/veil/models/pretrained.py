@@ -132,7 +132,7 @@ def load_vit_b16(model: nn.Module, weights: str | Path | None = None, download: 
         gh, gw = model.grid  # type: ignore[attr-defined]
         if side * side != n:
             raise CheckpointError(f"the weights' {n} position embeddings are not a square grid")
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        mapped["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
+        from veil.models.vit import resize_pos_embed
+
+        mapped["pos_embed"] = resize_pos_embed(pos, (side, side), (gh, gw))
     return _load(model, mapped)

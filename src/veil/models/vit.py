@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from veil.errors import ConfigError
 from veil.models.base import Classifier, register_model, scaled_width
 
-__all__ = ["Attention", "Mlp", "Block", "VisionTransformer", "ViTB16", "ViTSmall", "default_heads"]
+__all__ = ["Attention", "Mlp", "Block", "VisionTransformer", "ViTB16", "ViTSmall", "default_heads", "resize_pos_embed"]
 
 
 def default_heads(dim: int, head_dim: int = 64) -> int:
@@ -37,6 +37,16 @@ def default_heads(dim: int, head_dim: int = 64) -> int:
     (192 -> 3, 384 -> 6, 32 -> 1, 200 -> 2)."""
     cap = max(1, dim // head_dim)
     return max(h for h in range(1, cap + 1) if dim % h == 0)
+
+
+def resize_pos_embed(pos: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Position embeddings ``(1, 1 + gh * gw, D)`` of a ``grid`` of patches, the class token's first,
+    resized bicubically to a ``size`` grid (Dosovitskiy et al., Sec. 3.2); the class token's kept."""
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    d = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, grid[0], grid[1], d).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", align_corners=False)
+    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], d)], 1)
 
 
 class Attention(nn.Module):
@@ -182,11 +192,7 @@ class VisionTransformer(Classifier):
     def _pos_embed(self, gh: int, gw: int) -> Tensor:
         if (gh, gw) == self.grid:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        d = patch_pos.shape[-1]
-        patch_pos = patch_pos.reshape(1, self.grid[0], self.grid[1], d).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, gh * gw, d)], 1)
+        return resize_pos_embed(self.pos_embed, self.grid, (gh, gw))
 
     def _features(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
