@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from veil.errors import CheckpointError
+from veil.models.vit import resize_pos_embed
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_torchvision_resnet18", "load_vit_b16", "torchvision_to_veil", "vit_to_veil"]
 
@@ -132,7 +133,5 @@ def load_vit_b16(model: nn.Module, weights: str | Path | None = None, download: 
         gh, gw = model.grid  # type: ignore[attr-defined]
         if side * side != n:
             raise CheckpointError(f"the weights' {n} position embeddings are not a square grid")
-        from veil.models.vit import resize_pos_embed
-
         mapped["pos_embed"] = resize_pos_embed(pos, (side, side), (gh, gw))
     return _load(model, mapped)
