@@ -144,3 +144,24 @@ def test_a_generator_fitted_on_a_reference_run_is_cached_and_reused(tmp_path, mo
     broken = create_attack("semantic", 4, (3, 32, 32), **kw)
     broken.fit(data())
     assert calls == [1, 1] and torch.equal(broken.apply(x), first.apply(x))  # refitted from the seed
+
+
+def test_the_residual_head_starts_at_the_identity_and_moves_only_for_the_feature_term():
+    """output="residual": x^ = clamp(x + conv5) with conv5 at zero, so the untrained decoder is the
+    identity; with lambda2 = 0 (the control) eq. 8 has no gradient there and it stays the
+    identity; with the feature term it leaves it, inside [0, 1]."""
+    maps = [torch.rand(2, c, s, s) for c, s in [(4, 16), (8, 8), (16, 4), (32, 2)]]
+    x = torch.rand(2, 3, 32, 32)
+    decoder = FeatureDecoder((32, 2), [(4, 16), (8, 8), (16, 4)], 3, 32, residual=True)
+    assert torch.equal(decoder(maps[-1], maps[:-1], x), x)
+    with pytest.raises(ValueError, match="needs the clean image"):
+        decoder(maps[-1], maps[:-1])
+    xs = to_float(data().images[:8])
+    control = _fitted(output="residual", lambda2=0.0)
+    assert torch.equal(control.generate(xs)[0], xs)
+    attack = _fitted(output="residual", generator_lr=1e-4)
+    x_hat = attack.generate(xs)[0]
+    assert not torch.equal(x_hat, xs) and x_hat.min() >= 0 and x_hat.max() <= 1
+    b = create_attack("semantic", 4, (3, 32, 32), output="residual")
+    b.load_state_dict(attack.state_dict())
+    assert b.decoder.residual and torch.allclose(b.apply(xs), attack.apply(xs), atol=1e-6)  # float rounding only

@@ -7,7 +7,9 @@ them per backbone. :class:`FeatureDecoder` maps the (attention-weighted) high-le
 image: per skip, deepest first, a 2x2 transposed convolution with stride 2 to the skip's channels
 and resolution, the skip concatenated, and a double 3x3 convolution (stride 1, padding 1, ReLU);
 then plain up-blocks (channels halved) to the input resolution, and a 1x1 convolution to the
-image's channels with a ReLU, clamped to ``[0, 1]``.
+image's channels with a ReLU, clamped to ``[0, 1]`` (Table I), or, with ``residual=True``, added to
+the clean image and clamped to ``[0, 1]``, the 1x1 convolution starting at zero (the decoder then
+starts at the identity).
 """
 
 from __future__ import annotations
@@ -77,10 +79,15 @@ class FeatureDecoder(nn.Module):
         skips: ``(channels, side)`` of each skip map, shallow to deep; each side must be a power
             of two times the next deeper one (its own deeper neighbour or the high map).
         out_channels: image channels; ``image_side``: the output's side.
+        residual: output ``clamp(image + conv(.), 0, 1)`` (the clean image passed to
+            :meth:`forward`), the last convolution initialised at zero, instead of
+            ``min(relu(conv(.)), 1)``.
     """
 
-    def __init__(self, high: tuple[int, int], skips: Sequence[tuple[int, int]], out_channels: int, image_side: int) -> None:
+    def __init__(self, high: tuple[int, int], skips: Sequence[tuple[int, int]], out_channels: int, image_side: int,
+                 residual: bool = False) -> None:
         super().__init__()
+        self.residual = residual
         c, side = high
         self.ups = nn.ModuleList()
         self.convs = nn.ModuleList()
@@ -104,8 +111,13 @@ class FeatureDecoder(nn.Module):
         if side != image_side:
             raise ConfigError(f"the decoder reaches side {side}, not the image's {image_side}")
         self.out = nn.Conv2d(c, out_channels, 1)
+        if residual:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
-    def forward(self, high: Tensor, skips: Sequence[Tensor]) -> Tensor:
+    def forward(self, high: Tensor, skips: Sequence[Tensor], image: Tensor | None = None) -> Tensor:
+        """The decoded image; ``image`` (the clean input, ``(B, out_channels, H, W)``) is needed by
+        the residual head and ignored otherwise."""
         x = high
         deep_first = list(reversed(list(skips)))
         k = 0
@@ -115,4 +127,8 @@ class FeatureDecoder(nn.Module):
                 x = torch.cat([x, deep_first[k]], 1)
                 k += 1
             x = conv(x)
+        if self.residual:
+            if image is None:
+                raise ValueError("the residual decoder needs the clean image")
+            return (image + self.out(x)).clamp(0.0, 1.0)
         return torch.relu(self.out(x)).clamp(max=1.0)

@@ -19,6 +19,8 @@ readings of the project's spec ``specs/semantic.md`` it chose:
   carries the original maps), a double 3x3 convolution; plain up-blocks to the input resolution;
   a 1x1 convolution with ReLU, clamped to [0, 1] and quantised to 8 bits when written (reading 6).
   Built from the taps' shapes, so it fits each backbone (:class:`veil.triggers.decoder.FeatureDecoder`).
+  ``output="residual"`` (reading 6's option, not the default): ``x^ = clamp(x + conv5, 0, 1)`` with
+  conv5 from zero, the identity at the start; measured in docs/attacks/semantic.md.
 * **Losses** (eq. 6-8): ``lambda1 sum ||x - x^||^2 + lambda2 sum ||t - t^||^2``, ``t^ = M(x^)``
   through the frozen surrogate; per-image sums on [0, 1] images averaged over the batch (reading
   7). lambda1 0.9 on GTSRB and 5 elsewhere (``None`` resolves by the training set's dataset),

@@ -105,7 +105,7 @@ class SemanticAttack(Attack):
             torch.manual_seed(c.seed)
             scale = shapes[-1][0] if c.attention_scale == "channels" else 1.0
             self.attention = ChannelAttention(shapes[-1][0], c.reduction, c.attention_activation, scale)
-            self.decoder = FeatureDecoder(shapes[-1], shapes[:-1], ch, w)
+            self.decoder = FeatureDecoder(shapes[-1], shapes[:-1], ch, w, residual=c.output == "residual")
         surrogate.eval().requires_grad_(False)
         for q in surrogate.parameters():
             q.grad = None  # frozen: no gradient left from its own training either
@@ -125,7 +125,7 @@ class SemanticAttack(Attack):
         with torch.no_grad():
             skips, m = self._maps(x)
         t = self.attention(m)
-        x_hat = self.decoder(t, skips)
+        x_hat = self.decoder(t, skips, x)
         _, t_hat = self._maps(x_hat)
         return x_hat, t, t_hat
 
@@ -178,6 +178,8 @@ class SemanticAttack(Attack):
                     "act": c.attention_activation, "scale": c.attention_scale, "trained": int(c.train_attention),
                     "red": c.reduction, "ep": c.generator_epochs, "lr": float(c.generator_lr),
                     "bs": c.generator_batch_size, "seed": c.seed}
+        if c.output != "image":
+            settings["out"] = c.output  # only then: caches of the paper's head keep their names
         return analysis_cache(c.reference_run, "semantic_generator", train, **settings)
 
     def _load_generator_cache(self, path: Path, dev: torch.device) -> bool:

@@ -30,6 +30,11 @@ class SemanticConfig(AttackConfig):
             them at their seeded initialisation (False). With the paper's unscaled softmax the
             scores cannot all reach 1, so a trained attention cannot turn t into M and remove the
             trigger; with ``attention_scale="channels"`` it can, so that combination is refused.
+        output: the decoder's image head: ``"image"`` (Table I: a 1x1 convolution and a ReLU
+            that output the poisoned image, clamped to [0, 1]) or ``"residual"`` (``x^ = clamp(x +
+            conv5, 0, 1)``, conv5 starting at zero, so the generator starts at the identity; the
+            spec's reading 6 names it; measured reason: docs/attacks/semantic.md, "The output
+            head, measured").
         reduction: the attention's bottleneck ratio (16, SENet's; the paper gives none).
         generator_epochs, generator_lr, generator_batch_size: the generator's SGD training on the
             clean training set (100 epochs at 0.01, the paper; batch 128 and momentum 0.9 are not
@@ -48,6 +53,7 @@ class SemanticConfig(AttackConfig):
     attention_activation: Literal["softmax", "sigmoid"] = "softmax"
     attention_scale: Literal[1, "channels"] = 1
     train_attention: bool = True
+    output: Literal["image", "residual"] = "image"
     reduction: int = 16
     generator_epochs: int = 100
     generator_lr: float = 0.01
