@@ -165,3 +165,18 @@ def test_the_residual_head_starts_at_the_identity_and_moves_only_for_the_feature
     b = create_attack("semantic", 4, (3, 32, 32), output="residual")
     b.load_state_dict(attack.state_dict())
     assert b.decoder.residual and torch.allclose(b.apply(xs), attack.apply(xs), atol=1e-6)  # float rounding only
+
+
+def test_evaluate_reports_the_feature_error_and_the_surrogates_success_rate():
+    """With the identity decoder (residual head, lambda2 = 0) the surrogate's success rate on the
+    poisoned images is its rate on the clean ones, and t^ = M(x) is off from t = s * M by 1 - s."""
+    test = data(48, seed=1)
+    control = _fitted(output="residual", lambda2=0.0)
+    out = control.evaluate(None, test)
+    rows = torch.nonzero(test.labels != 1).flatten()
+    x = to_float(test.images[rows])
+    with torch.no_grad():
+        clean_rate = (control.surrogate(x).argmax(1) == 1).float().mean().item()
+        s = control.attention.scores(tap_maps(control.surrogate, x, [taps_for("preact_resnet18")[1]])[0])
+    assert out["surrogate_asr"] == pytest.approx(clean_rate)
+    assert 0.0 < out["feature_relative_error"] and out["feature_relative_error"] > (1 / s.max().item() - 1) ** 2 * 0.99
