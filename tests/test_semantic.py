@@ -178,5 +178,5 @@ def test_evaluate_reports_the_feature_error_and_the_surrogates_success_rate():
     with torch.no_grad():
         clean_rate = (control.surrogate(x).argmax(1) == 1).float().mean().item()
         s = control.attention.scores(tap_maps(control.surrogate, x, [taps_for("preact_resnet18")[1]])[0])
-    assert out["surrogate_asr"] == pytest.approx(clean_rate)
+    assert out["benign_asr"] == pytest.approx(clean_rate)
     assert 0.0 < out["feature_relative_error"] and out["feature_relative_error"] > (1 / s.max().item() - 1) ** 2 * 0.99
