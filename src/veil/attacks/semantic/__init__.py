@@ -29,8 +29,9 @@ readings of the project's spec ``specs/semantic.md`` it chose:
   (momentum 0.9 and batch 128 are not in the paper), on the clean training set; then 10 % of the
   training rows (of other labels than the target) replaced by ``x^`` and labelled 1, the
   paper's target. The victim's paper training: SGD, momentum 0.9, rate 0.01, 100 epochs.
-* **Evaluation**: the run's stealth metrics (PSNR, SSIM, MSE via L2, LPIPS) over 1,000 test images
-  and ``feature_relative_error`` (how close ``t^`` is to ``t``).
+* **Evaluation**: the run's stealth metrics (PSNR, SSIM, MSE via L2, LPIPS) over 1,000 test
+  images, ``feature_relative_error`` (how close ``t^`` is to ``t``) and ``benign_asr`` (the clean
+  surrogate's success rate on the same poisoned images).
 """
 
 from veil.attacks.semantic.attack import ChannelAttention, SemanticAttack
