@@ -104,10 +104,13 @@ def test_a_reproduction_trains_its_steps_in_order_and_fills_the_table(tiny, caps
     before = {p: (p / "metrics.json").stat().st_mtime_ns for p in [ref, *points]}
     assert reproduce("tiny", "1", "cpu", out=tiny, progress=False)["rows"] == table["rows"]
     assert {p: (p / "metrics.json").stat().st_mtime_ns for p in before} == before
-    # the command line's dry run lists them as finished
+    # the command line's dry run lists them as finished, prints the table and writes nothing
+    written = {p: p.stat().st_mtime_ns for p in tiny.glob("table-1.*")}
     assert main(["-q", "reproduce", "tiny", "--dry-run", "--out", str(tiny)]) == 0
     out = capsys.readouterr().out
     assert "finished  poison_count=40" in out and "to train" not in out
+    assert "tiny, Table 1" in out and "wrote" not in out
+    assert {p: p.stat().st_mtime_ns for p in tiny.glob("table-1.*")} == written and len(written) == 2
 
 
 def test_a_step_may_read_a_sub_folder_of_the_data_root(tmp_path, monkeypatch):
@@ -159,7 +162,7 @@ def test_the_default_folder_is_one_per_paper_and_scale(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_cli_dry(capsys)
     assert code == 0 and f"in {tmp_path / 'runs' / 'reproduce' / 'semantic-cpu'}" in out
-    assert (tmp_path / "runs" / "reproduce" / "semantic-cpu" / "table-3.md").is_file()
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
 def run_cli_dry(capsys):

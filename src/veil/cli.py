@@ -187,7 +187,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     table = reproduce(args.paper, args.table, args.scale, args.data_root, out, args.device,
                       progress=not args.quiet, dry_run=args.dry_run)
     print(table_markdown(table), end="")
-    print(f"wrote {Path(out).resolve() / f'table-{key}.md'}")
+    if not args.dry_run:
+        print(f"wrote {Path(out).resolve() / f'table-{key}.md'}")
     return 0
 
 
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder the recipes need (e.g. the folder holding gtsrb/)")
     p.add_argument("--out", default=None, help="folder for the runs and the tables (default runs/reproduce/PAPER-SCALE: a paper's tables share their runs)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (overrides the recipes)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; tabulate those; train nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished and print the table of those; train and write nothing")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("list", help="registered datasets, models and attacks")

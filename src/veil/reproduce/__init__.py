@@ -257,7 +257,8 @@ def reproduce(paper: str, table: str | None = None, scale: str = "cpu", data_roo
               out: str | Path = "runs/reproduce", device: str | None = None, progress: bool = True,
               dry_run: bool = False) -> dict[str, Any]:
     """Run the steps behind ``paper``'s ``table`` at ``scale`` (finished runs are read back) and
-    write the table beside the paper's; with ``dry_run`` only the table of what is finished."""
+    write the table beside the paper's; with ``dry_run`` train nothing, write nothing and return the
+    table of what is finished."""
     from veil.errors import VeilError
     from veil.experiment import run_experiment, seed_everything
     from veil.sweep import parse_sweep
@@ -283,6 +284,8 @@ def reproduce(paper: str, table: str | None = None, scale: str = "cpu", data_roo
     if failed:
         result_table["failed"] = failed
         result_table["note"] = result_table.get("note", "") + " Failed: " + "; ".join(failed) + "."
+    if dry_run:  # a dry run reports; it writes nothing (an earlier table stays as it was)
+        return result_table
     root = Path(out).resolve()
     rec.atomic_write_json(root / f"table-{key}.json", result_table)
     rec.atomic_write_bytes(root / f"table-{key}.md", table_markdown(result_table).encode("utf-8"))
