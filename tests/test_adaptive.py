@@ -113,6 +113,19 @@ def test_hardtanh_trigger_is_bounded_and_inside_the_mask():
     assert ((x_p - x).abs() * 255).max() <= 12.5
 
 
+def test_no_mask_ablation_replaces_the_bound_by_the_l2_loss():
+    # reading 8: without a mask the L2 loss, not HardTanh's 40 grey levels, holds the trigger
+    a = attack(mask="none", l2_weight=1.0)
+    assert a.config.i == 255.0 and a.config.b == 0.0
+    x = smooth_and_noisy()
+    a.generator.apply(lambda m: torch.nn.init.constant_(m.bias, 100.0) if isinstance(m, torch.nn.Conv2d) and m.bias is not None else None)
+    t = a.exact_trigger(x)
+    assert (a.texture_mask(x) == 1).all() and t.abs().max() > 40.0
+    assert attack(mask="none", l2_weight=1.0, bound=40.0).config.i == 40.0
+    with pytest.raises(ConfigError, match="replaces the HardTanh bound by an L2 loss: set l2_weight"):
+        attack(mask="none")
+
+
 @pytest.mark.parametrize(("pairs", "largest"), [(2, 3), (1, 1)])
 def test_mpm_changes_are_integers_within_the_range(pairs, largest):
     a = attack(generator="mpm", mask="none", mpm_pairs=pairs)

@@ -30,7 +30,7 @@ What the code implements:
   width 64 and 5 levels are the multinomial authors' (the same group's network); the
   classifier's training is veil's defaults, and CPU recipes say what they change.
 * **Ablation** (section 4.5): ``mask="none"`` with ``l2_weight`` > 0, the trigger anywhere with an
-  L2 penalty.
+  L2 penalty instead of the HardTanh bound (reading 8: the bound defaults to 255, none).
 * **Evaluation** (:meth:`AdaptiveAttack.evaluate`): L-inf, changed share, share inside the mask,
   the largest relative parameter change, pairwise trigger similarity, and the benign model's
   success rate on the same triggered images (the spec's "check worth making").

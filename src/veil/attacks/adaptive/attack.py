@@ -91,6 +91,9 @@ class AdaptiveAttack(Attack):
                 raise ConfigError(f"adaptive {name} must be a non-negative number, got {v!r}")
         if c.i <= 0:
             raise ConfigError(f"adaptive bound must be positive, got {c.i}")
+        if c.mask == "none" and c.generator == "hardtanh" and c.bound is None and c.l2_weight == 0:
+            raise ConfigError("adaptive mask 'none' (the ablation of section 4.5) replaces the HardTanh bound by "
+                              "an L2 loss: set l2_weight > 0 (or a bound)")
         if not (math.isfinite(c.lr) and c.lr > 0):
             raise ConfigError(f"adaptive lr must be positive, got {c.lr}")
         if c.mpm_pairs not in (1, 2):

@@ -10,11 +10,13 @@ from typing import Literal
 from veil.attacks.base import AttackConfig
 
 #: Table 3, by mask (the paper pairs HILL with GTSRB and Sobel with CIFAR-10): threshold T,
-#: HardTanh bound i (grey levels) and SSIM weight b of the HardTanh rows
+#: HardTanh bound i (grey levels) and SSIM weight b of the HardTanh rows. Without a mask (the
+#: ablation of section 4.5) the L2 loss replaces the bound (reading 8 of the spec): i is the whole
+#: 0-255 range, so HardTanh bounds nothing the pixel clamp does not.
 TABLE3 = {
     "hill": {"threshold": 1.0, "bound": 40.0, "ssim_weight": 2.0},
     "sobel": {"threshold": 10.0, "bound": 12.0, "ssim_weight": 0.0},
-    "none": {"threshold": 0.0, "bound": 40.0, "ssim_weight": 0.0},
+    "none": {"threshold": 0.0, "bound": 255.0, "ssim_weight": 0.0},
 }
 #: Table 3's clip ratio r by generator: 1e-3 for HardTanh, none (inf) for MPM
 CLIP_BY_GENERATOR = {"hardtanh": 1e-3, "mpm": math.inf}
@@ -28,12 +30,12 @@ class AdaptiveConfig(AttackConfig):
     Attributes:
         mask: texture mask, ``"hill"`` (eq. 1-3; Table 3's GTSRB rows, the default), ``"sobel"``
             (its CIFAR-10 rows) or ``"none"`` (the ablation of section 4.5: the trigger anywhere,
-            bounded by ``l2_weight`` instead).
+            held by the ``l2_weight`` loss instead of a HardTanh bound, which then defaults to 255).
         threshold: the mask's T on the 0-255 scale (HILL 1, Sobel 10).
         per_channel_mask: one mask per colour channel instead of one on luma for all of them.
         generator: ``"hardtanh"`` (eq. 4: the U-Net's output clipped to +-``bound`` grey levels) or
             ``"mpm"`` (eq. 5: modification probabilities, +-1 and +-2 pairs).
-        bound: the HardTanh bound i in grey levels (HILL 40, Sobel 12).
+        bound: the HardTanh bound i in grey levels (HILL 40, Sobel 12, no mask 255: none).
         mpm_pairs: MPM pairs; ``2`` gives the +-1 and +-2 pairs of Table 3 (the trigger
             ``m1 + 2 m2`` in -3..3), ``1`` the +-1 pair alone.
         clip_ratio: r of section 3.5: after every step each classifier parameter stays within
