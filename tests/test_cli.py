@@ -338,6 +338,8 @@ def test_flags_from_a_dataclass_need_documentation_and_a_known_type():
     ("all_targets=true", ("all_targets", True)), ("all-targets=False", ("all_targets", False)),
     ("flag=TRUE", ("flag", True)), ("width=8", ("width", 8)), ("lr=3e-3", ("lr", 3e-3)),
     ("mode=noise", ("mode", "noise")), ("mode=True", ("mode", True)),
+    ("clip_ratio=inf", ("clip_ratio", float("inf"))), ("clip_ratio=.inf", ("clip_ratio", float("inf"))),
+    ("x=-Infinity", ("x", float("-inf"))), ("name=info", ("name", "info")),
 ])
 def test_option_values_are_literals_and_true_false_any_case_are_booleans(text, expected):
     from veil.options import parse_option

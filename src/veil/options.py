@@ -23,12 +23,15 @@ T = TypeVar("T")
 
 def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
     """``NAME=VALUE`` -> ``(name, value)``, the value read as a Python literal when it is one;
-    ``true`` and ``false`` (any case, as YAML and most shells' users write them) are booleans."""
+    ``true`` and ``false`` (any case, as YAML and most shells' users write them) are booleans, and
+    ``inf``, ``-inf`` and YAML's ``.inf`` floats (e.g. ``clip_ratio=inf``)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{what} {text!r} must look like NAME=VALUE")
     key, value = text.split("=", 1)
     if value.strip().lower() in ("true", "false"):
         return key.strip().replace("-", "_"), value.strip().lower() == "true"
+    if value.strip().lower().lstrip("+-.") in ("inf", "infinity"):  # inf, -inf, YAML's .inf
+        return key.strip().replace("-", "_"), float("-inf" if value.strip().startswith("-") else "inf")
     try:
         parsed: Any = ast.literal_eval(value)
     except (ValueError, SyntaxError):
