@@ -28,15 +28,16 @@ def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{what} {text!r} must look like NAME=VALUE")
     key, value = text.split("=", 1)
-    if value.strip().lower() in ("true", "false"):
-        return key.strip().replace("-", "_"), value.strip().lower() == "true"
-    if value.strip().lower().lstrip("+-.") in ("inf", "infinity"):  # inf, -inf, YAML's .inf
-        return key.strip().replace("-", "_"), float("-inf" if value.strip().startswith("-") else "inf")
+    name, word = key.strip().replace("-", "_"), value.strip().lower()
+    if word in ("true", "false"):
+        return name, word == "true"
+    if word.lstrip("+-") in ("inf", "infinity", ".inf"):  # inf, -inf, YAML's .inf
+        return name, float(word.replace(".", ""))
     try:
         parsed: Any = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         parsed = value
-    return key.strip().replace("-", "_"), parsed
+    return name, parsed
 
 
 def type_name(hint: Any, names: dict[Any, str] | None = None) -> str:
