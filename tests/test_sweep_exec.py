@@ -235,7 +235,10 @@ def test_a_killed_sweep_finishes_without_rerunning_or_doubling(tmp_path):
     try:
         while time.monotonic() < deadline:
             finished = [p for p in out.glob("*") if (p / "metrics.json").is_file()]
-            half = [p for p in out.glob("*") if (p / "checkpoint.pt").is_file() and not (p / "metrics.json").is_file()]
+            # a 6-epoch point between epochs; a 1-epoch point also holds checkpoint.pt during its
+            # final evaluation, and killing it there would resume no epoch
+            half = [p for p in out.glob("*epochs=6*")
+                    if (p / "checkpoint.pt").is_file() and not (p / "metrics.json").is_file()]
             if finished and half:
                 break
             assert proc.poll() is None, "the sweep ended before it could be killed mid-point"
