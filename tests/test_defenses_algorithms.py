@@ -26,7 +26,7 @@ from veil.defenses.fine_pruning import (
     pruning_order,
 )
 from veil.defenses.gradcam import default_layer, februus_threshold, grad_cam, inpaint, mask_attention, trigger_heat
-from veil.defenses.neural_cleanse import anomaly_index, reverse_engineer_triggers
+from veil.defenses.neural_cleanse import anomaly_index, reverse_engineer_triggers, unconverged_labels
 from veil.defenses.spectral_signatures import spectral_flags, spectral_scores
 from veil.defenses.strip import strip_entropy
 from veil.errors import ConfigError
@@ -169,6 +169,16 @@ def test_neural_cleanse_is_deterministic_and_batched_over_label_subsets(planted)
     c = reverse_engineer_triggers(planted.model, planted.test.images, [0, 2, 4], **{**NC, "steps": 10, "seed": 1})
     assert not torch.equal(a.masks, c.masks)
     assert all(p.requires_grad for p in planted.model.parameters())  # restored after the optimisation
+
+
+def test_neural_cleanse_names_the_labels_still_optimising_when_the_budget_ends(planted):
+    # one-step schedule epochs stop most labels early within about 16-23 steps; a budget of 21 cuts some off
+    rev = reverse_engineer_triggers(planted.model, planted.test.images,
+                                    **{**NC, "steps": 21, "epoch_steps": 1, "patience": 1, "early_stop_patience": 1})
+    still = unconverged_labels(rev, 21)
+    assert still == [k for k, n in zip(rev.labels, rev.steps.tolist()) if n == 21]
+    assert 0 < len(still) < CLASSES and all(n <= 21 for n in rev.steps.tolist())
+    assert unconverged_labels(rev, 200) == []
 
 
 def test_anomaly_index_is_the_mad_statistic():

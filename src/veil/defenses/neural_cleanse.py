@@ -350,6 +350,12 @@ def reverse_engineer_triggers(
     )
 
 
+def unconverged_labels(rev: ReversedTriggers, steps: int) -> list[int]:
+    """The labels whose schedule ran all ``steps`` without stopping early: their norms, and so the
+    median, the MAD and every label's anomaly index, may still move with a larger budget."""
+    return [k for k, n in zip(rev.labels, rev.steps.tolist()) if n >= steps]
+
+
 def anomaly_index(norms: Tensor) -> tuple[Tensor, float, float]:
     """Neural Cleanse's outlier test by median absolute deviation (Section IV-C).
 
@@ -404,8 +410,9 @@ class NeuralCleanse(Detector):
     index of the smallest norm), ``threshold``, ``flagged`` (labels), ``metrics``
     (``suspected_is_target``, ``target_flagged`` and ``target_anomaly_index`` when the run has a
     backdoor) and ``extra`` (``suspected_label``, ``l1_norms``, ``anomaly_indices``, ``median``,
-    ``mad``, ``targets``, ``success``, ``found``, ``steps``, ``optimisation_seconds``,
-    ``images_per_second``, ``clean_images``).
+    ``mad``, ``targets``, ``success``, ``found``, ``steps``, ``unconverged_labels`` (those that ran
+    the whole budget without stopping early: the verdict may still move; raise ``steps``),
+    ``optimisation_seconds``, ``images_per_second``, ``clean_images``).
     """
 
     @dataclass(frozen=True)
@@ -488,6 +495,13 @@ class NeuralCleanse(Detector):
             "neural cleanse: anomaly index %.3f (label %d, L1 %.1f; median %.1f) in %.1f s",
             score, suspected, float(norms[smallest]), median, rev.seconds,
         )
+        unconverged = unconverged_labels(rev, cfg.steps)
+        if unconverged:
+            log.warning(
+                "neural cleanse: %d of %d labels ran all %d steps without stopping early (%s); their norms and "
+                "the anomaly index may still move: raise --opt steps", len(unconverged), len(labels), cfg.steps,
+                ", ".join(map(str, unconverged)),
+            )
 
         atomic_save_tensors(
             out_dir / self.TRIGGERS,
@@ -515,7 +529,8 @@ class NeuralCleanse(Detector):
                 "columns": ["label", "mask L1 norm", "anomaly index", "trigger success %", "reached threshold", "note"],
                 "rows": rows,
                 "note": f"{len(clean)} clean images; {int(rev.steps.max())} steps of {cfg.batch_size} images per label; "
-                f"{rev.seconds:.1f} s ({images_per_second:.0f} images/s); median L1 {median:.2f}, MAD {mad:.2f}",
+                f"{rev.seconds:.1f} s ({images_per_second:.0f} images/s); median L1 {median:.2f}, MAD {mad:.2f}; "
+                f"{len(unconverged)} of {len(labels)} labels ran the whole budget without stopping early",
             },
         )
         return DetectionResult(
@@ -537,6 +552,7 @@ class NeuralCleanse(Detector):
                 "found": [bool(v) for v in rev.found],
                 "final_costs": [float(v) for v in rev.costs],
                 "steps": [int(v) for v in rev.steps],
+                "unconverged_labels": unconverged,
                 "optimisation_seconds": rev.seconds,
                 "images_per_second": images_per_second,
                 "clean_images": len(clean),
