@@ -340,6 +340,7 @@ def test_flags_from_a_dataclass_need_documentation_and_a_known_type():
     ("mode=noise", ("mode", "noise")), ("mode=True", ("mode", True)),
     ("clip_ratio=inf", ("clip_ratio", float("inf"))), ("clip_ratio=.inf", ("clip_ratio", float("inf"))),
     ("x=-Infinity", ("x", float("-inf"))), ("name=info", ("name", "info")),
+    ("x=-.inf", ("x", float("-inf"))), ("x=+-inf", ("x", "+-inf")), ("x=--inf", ("x", "--inf")),
 ])
 def test_option_values_are_literals_and_true_false_any_case_are_booleans(text, expected):
     from veil.options import parse_option

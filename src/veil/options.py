@@ -31,8 +31,9 @@ def parse_option(text: str, what: str = "option") -> tuple[str, Any]:
     name, word = key.strip().replace("-", "_"), value.strip().lower()
     if word in ("true", "false"):
         return name, word == "true"
-    if word.lstrip("+-") in ("inf", "infinity", ".inf"):  # inf, -inf, YAML's .inf
-        return name, float(word.replace(".", ""))
+    sign, bare = (word[0], word[1:]) if word[:1] in ("+", "-") else ("", word)
+    if bare in ("inf", "infinity", ".inf"):  # inf, -inf, YAML's .inf; one sign at most
+        return name, float(sign + "inf")
     try:
         parsed: Any = ast.literal_eval(value)
     except (ValueError, SyntaxError):
